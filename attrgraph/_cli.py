@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     graph.add_argument("--steps", type=int, default=2000, help="steps of the per-prompt CI optimisation")
     graph.add_argument("--l-min", type=float, default=None, help="minimality coefficient (default 0.09, ci: 1.0)")
+    graph.add_argument(
+        "--labels", default=None, help="JSON (key → label) or CSV (node,label) file; overrides harvest labels"
+    )
+    graph.add_argument("--qk-top", type=int, default=5, help="q/k pairs kept per o node (0: none)")
     graph.add_argument("--save-full", action="store_true", help="also write the unpruned graph (large)")
     graph.add_argument("--json", action="store_true", help="print one JSON object")
     graph.set_defaults(handler=_graph)
@@ -33,24 +37,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _graph(args: argparse.Namespace) -> None:
     from attrgraph.export import save_graph_json, to_circuit_tracer
     from attrgraph.graph import build_graph
+    from attrgraph.labels import labels_for_run, merge_labels, read_label_file
     from attrgraph.prune import prune_graph
+    from attrgraph.qk import add_qk_pairs
     from attrgraph.render import render_html, render_png
     from decomposer.io import atomic_write_json
-    from decomposer.target.loading import load_target
+    from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
-    from decomposer.vpd.run import load_decomposition, read_metadata
 
-    run_dir = resolve_run(args.run)
-    _, meta = read_metadata(run_dir)
-    target, tokenizer = load_target(meta["target"]["name"])
-    d, _, _ = load_decomposition(run_dir, target)
+    user_labels = read_label_file(args.labels) if args.labels else {}  # fail on a bad file before any work
+    d, tokenizer, _ = load_run(args.run)
+    labels = merge_labels(labels_for_run(resolve_run(args.run)), user_labels)
     ci, report = None, None
     if args.optimize != "none":
         ci, report = _optimise(d, tokenizer, args)
     full = build_graph(
-        d, tokenizer, args.prompt, target_token=args.target, target_pos=args.position, ci=ci, report=report
-    )
+        d, tokenizer, args.prompt, target_token=args.target, target_pos=args.position, ci=ci, report=report,
+        labels=labels,
+    )  # fmt: skip
     pruned = prune_graph(full, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    if args.qk_top > 0:
+        ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        pruned = add_qk_pairs(pruned, d, ids[:, : full.graph["target_pos"] + 1], top=args.qk_top)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {

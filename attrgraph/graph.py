@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from attrgraph.edges import Attribution, attribute
+from attrgraph.labels import label_for
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
@@ -25,15 +26,10 @@ def _n_blocks(d: Decomposition) -> int:
 
 
 def _label(node: NodeId, token: str, labels: Mapping[str, str] | None) -> str:
-    """A user label if one is given for the node or its subcomponent, else matrix and prompt token."""
-    if labels:
-        if str(node) in labels:
-            return labels[str(node)]
-        if node.kind == "comp":
-            block, part, short = module_short_name(node.module)
-            key = f"{block}.{part}.{short}:{node.index}"
-            if key in labels:
-                return labels[key]
+    """A given label for the node or its subcomponent (with the node's short name), else matrix and prompt token."""
+    found = label_for(labels, node) if labels else None
+    if found is not None:
+        return found if str(node) in labels else f"{short_label(node)} {found}"
     return f"{short_label(node)} {token!r}"
 
 

@@ -17,6 +17,7 @@ the attack rather than only its last iterate.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +160,17 @@ def pgd_sources(
     return s, worst
 
 
+def _frozen_components(fn: Callable) -> Callable:
+    """Run `fn(d, ...)` with U and V frozen: only CI moves here, and frozen components let Δ be cached."""
+
+    @functools.wraps(fn)
+    def wrapper(d: Decomposition, *args, **kwargs):
+        with d.model.frozen():
+            return fn(d, *args, **kwargs)
+
+    return wrapper
+
+
 def _base_z(d: Decomposition, tokens: Tensor) -> dict[str, Tensor]:
     """The CI network's pre-activations z (T, C) on the prompt."""
     with torch.no_grad():
@@ -167,6 +179,7 @@ def _base_z(d: Decomposition, tokens: Tensor) -> dict[str, Tensor]:
         return {p: z[0] for p, z in d.ci_fn(xs, acts).items()}
 
 
+@_frozen_components
 def optimize_ci(
     d: Decomposition,
     tokens: Tensor,
@@ -281,6 +294,7 @@ def optimize_ci(
     return PromptCI(g=g, alive=alive, losses=losses, settings=settings)
 
 
+@_frozen_components
 def faithfulness(
     d: Decomposition,
     tokens: Tensor,

@@ -155,15 +155,67 @@ def _tooltip(n: str, a: dict[str, Any]) -> str:
     return _esc("\n".join(lines))
 
 
+# (header, keys tried in order): a pair shows its short labels where present, else its node ids.
+_QK_COLUMNS = (
+    ("head", ("head",)),
+    ("q", ("q_label", "q_node")),
+    ("k", ("k_label", "k_node")),
+    ("key_pos", ("key_pos",)),
+    ("DD", ("dd",)),
+    ("attention", ("attention",)),
+    ("strength", ("strength",)),
+)
+
+# When an o node with q/k pairs is selected, show only its group; deselecting shows every group again.
+# Runs on `load`, after pyvis's script has created the global `network`.
+_QK_JS = """
+<script type="text/javascript">
+window.addEventListener("load", function () {
+  if (typeof network === "undefined") { return; }
+  var groups = Array.prototype.slice.call(document.querySelectorAll("#vpd-qk tbody[data-o-node]"));
+  function show(ids) {
+    var hit = groups.some(function (g) { return ids.indexOf(g.getAttribute("data-o-node")) >= 0; });
+    groups.forEach(function (g) {
+      var mine = ids.indexOf(g.getAttribute("data-o-node")) >= 0;
+      g.style.display = !hit || mine ? "" : "none";
+      g.style.background = hit && mine ? "#fff6d5" : "";
+    });
+  }
+  network.on("selectNode", function (params) { show(params.nodes); });
+  network.on("deselectNode", function () { show([]); });
+});
+</script>
+"""
+
+
+def _qk_cell(pair: dict[str, Any], keys: tuple[str, ...]) -> str:
+    value = next((pair[k] for k in keys if pair.get(k) is not None), "")
+    return f"<td>{_esc(_fmt(value))}</td>"
+
+
+def _qk_table(G: nx.DiGraph) -> str:
+    """The q/k pairs as one table body per o node, in first-seen order; every value escaped."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for pair in G.graph.get("qk_pairs", []):
+        groups[str(pair.get("o_node", ""))].append(pair)
+    header = "".join(f"<th>{name}</th>" for name, _ in _QK_COLUMNS)
+    bodies = []
+    for o_node, pairs in groups.items():
+        o_label = pairs[0].get("o_label") or (G.nodes[o_node].get("label") if o_node in G else None) or o_node
+        rows = "".join("<tr>" + "".join(_qk_cell(p, keys) for _, keys in _QK_COLUMNS) + "</tr>" for p in pairs)
+        bodies.append(
+            f'<tbody data-o-node="{_esc(o_node)}"><tr><th colspan="{len(_QK_COLUMNS)}">o node '
+            f"{_esc(o_label)} <code>{_esc(o_node)}</code></th></tr>{rows}</tbody>"
+        )
+    if not bodies:
+        return "<table><tr><th>q/k pairs</th></tr><tr><td>none</td></tr></table>"
+    return f'<table id="vpd-qk"><thead><tr>{header}</tr></thead>{"".join(bodies)}</table>' + _QK_JS
+
+
 def _panel(G: nx.DiGraph, title: str) -> str:
     g = G.graph
     tokens = " ".join(f"<code>{i}:{_esc(t)}</code>" for i, t in enumerate(g.get("prompt_tokens", [])))
     report = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(_fmt(v))}</td></tr>" for k, v in g.get("report", {}).items())
-    qk_keys = ("o_node", "q_node", "k_node", "key_pos", "strength")
-    qk = "".join(
-        "<tr>" + "".join(f"<td>{_esc(_fmt(p.get(k, '')))}</td>" for k in qk_keys) + "</tr>"
-        for p in g.get("qk_pairs", [])
-    )
     return (
         f'<style>{_PANEL_CSS}</style><div id="vpd-panel"><h2>{_esc(title)}</h2>'
         f"<div><b>Prompt:</b> <code>{_esc(g.get('prompt', ''))}</code></div>"
@@ -171,9 +223,10 @@ def _panel(G: nx.DiGraph, title: str) -> str:
         f"<div><b>Target:</b> <code>{_esc(g.get('target_token', ''))}</code> at position "
         f"{_esc(g.get('target_pos', ''))}</div>"
         f"<table><tr><th>report</th><th>value</th></tr>{report}</table>"
-        "<table><tr><th>" + "</th><th>".join(qk_keys) + f"</th></tr>{qk}</table>"
+        f"{_qk_table(G)}"
         "<div>Edges: blue positive, red negative, width ∝ |weight|; dashed edges cross positions. "
-        "Node opacity ∝ CI. Click a node to highlight its edges.</div></div>"
+        "Node opacity ∝ CI. Click a node to highlight its edges; click an o node to show only its q/k pairs "
+        "(strength = head share × attention × DD, see attrgraph.qk).</div></div>"
     )
 
 

@@ -6,14 +6,14 @@ A `VpdError` raised anywhere below is printed as one sentence and exits with sta
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-
-DEMO_PROMPTS = ("The princess lost", "The prince lost", "see you soon :", "The king said that")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from attrgraph import _cli as attrgraph_cli
+    from circuits import commands
     from decomposer import _cli as decomposer_cli
 
     parser = argparse.ArgumentParser(
@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     decomposer_cli.register(sub)
     decomposer_cli.register_vpd(sub)
     attrgraph_cli.register(sub)
-    demo = sub.add_parser("demo", help="run the main job on the bundled model (no arguments needed)")
+    for name in commands.MODULES:
+        importlib.import_module(f"circuits.commands.{name}").register(sub)
+    demo = sub.add_parser(
+        "demo", help="the princess attribution graph on the bundled decomposition (no arguments needed)"
+    )
+    demo.add_argument("--out", default="vpd-demo", help="folder for the graph files (default: vpd-demo)")
+    demo.add_argument("--steps", type=int, default=None, help="per-prompt optimisation steps (default 200/300)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(handler=_demo)
     return parser
@@ -36,17 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> None:
     import json
 
-    from decomposer.target import load_target, top_predictions
+    from circuits.demo import format_summary, run_demo
 
-    model, tokenizer = load_target("bundled")
-    results = {prompt: top_predictions(model, tokenizer, prompt, k=5) for prompt in DEMO_PROMPTS}
-    if args.json:
-        print(json.dumps({p: [x.__dict__ for x in preds] for p, preds in results.items()}))
-        return
-    print("bundled model: top-5 next-token predictions")
-    for prompt, preds in results.items():
-        shown = "  ".join(f"{x.token!r} {x.probability:.3f}" for x in preds)
-        print(f"  {prompt!r:<24} → {shown}")
+    steps = {"adversarial": args.steps, "ci": args.steps} if args.steps else None
+    summary = run_demo(args.out, steps=steps)
+    print(json.dumps(summary) if args.json else format_summary(summary))
 
 
 def main(argv: list[str] | None = None) -> int:

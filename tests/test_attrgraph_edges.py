@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
 from attrgraph.edges import Attribution, attribute, attribute_reference, direct_effect_leaves
@@ -22,6 +23,10 @@ LLAMA_MODULES = [
     {"pattern": "model.layers.*.mlp.*_proj", "C": C},
 ]
 GPT2_MODULES = [{"pattern": "transformer.h.*.attn.c_*", "C": C}, {"pattern": "transformer.h.*.mlp.c_*", "C": C}]
+NEOX_MODULES = [
+    {"pattern": "gpt_neox.layers.*.attention.*", "C": C},
+    {"pattern": "gpt_neox.layers.*.mlp.dense_*", "C": C},
+]
 
 
 def _decomposition(target: torch.nn.Module, modules: list[dict]) -> Decomposition:
@@ -43,7 +48,8 @@ def _rms_norm_same_dtype(self: modeling_llama.LlamaRMSNorm, x: torch.Tensor) -> 
 
 
 def _eager_attention_same_dtype(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    key, value = (modeling_llama.repeat_kv(s, module.num_key_value_groups) for s in (key, value))
+    groups = getattr(module, "num_key_value_groups", 1)  # NeoX has no grouped-query attention
+    key, value = (modeling_llama.repeat_kv(s, groups) for s in (key, value))
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -80,6 +86,22 @@ def gpt2() -> tuple[Decomposition, torch.Tensor, dict[str, torch.Tensor], Attrib
     d = _decomposition(GPT2LMHeadModel(cfg), GPT2_MODULES)
     tokens, ci = _setup(d, 2)
     return d, tokens, ci, attribute_reference(d, tokens, ci=ci)
+
+
+@pytest.fixture(scope="module")
+def neox() -> Iterator[tuple[Decomposition, torch.Tensor, dict[str, torch.Tensor], Attribution]]:
+    # Partial rotary (a quarter of each head) and the parallel residual are the NeoX-specific paths.
+    # Its eager softmax runs in float32; the patch keeps float64 so finite differences are clean.
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, rotary_pct=0.5, use_parallel_residual=True, **_IDS,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling_gpt_neox, "eager_attention_forward", _eager_attention_same_dtype)
+        d = _decomposition(GPTNeoXForCausalLM(cfg), NEOX_MODULES)
+        tokens, ci = _setup(d, 3)
+        yield d, tokens, ci, attribute_reference(d, tokens, ci=ci)
 
 
 def _find(att: Attribution, kind: str, pos: int, short: str | None = None, block: int | None = None) -> int:
@@ -168,6 +190,37 @@ def test_gpt2_edges_equal_intervention_effect(gpt2):
     _check_exact(d, tokens, att, pairs)
 
 
+def test_neox_edges_equal_intervention_effect(neox):
+    d, tokens, _, att = neox
+    logit = att.nodes.index(NodeId.logit(att.logit_tokens[0], T - 1))
+    f = lambda kind, pos, short=None, block=None: _find(att, kind, pos, short, block)  # noqa: E731
+    pairs = [
+        (f("comp", 3, "o", 0), f("comp", 1, "qkv", 0)),  # fused query_key_value → dense across positions
+        (f("comp", 2, "o", 1), f("comp", 2, "qkv", 1)),  # same position
+        (f("comp", 2, "qkv", 1), f("comp", 2, "down", 0)),
+        (f("comp", 3, "up", 1), f("comp", 3, "o", 0)),  # the next block's MLP reads the attention output
+        (f("comp", 1, "up", 1), f("delta", 1, "o", 0)),
+        (logit, f("comp", T - 1, "down", 1)),
+        (logit, f("emb", T - 1)),
+    ]
+    _check_exact(d, tokens, att, pairs)
+    # Parallel residual: a block's MLP reads the block input, never its own attention output.
+    o, up = f("comp", 2, "o", 1), f("comp", 2, "up", 1)
+    same_block = [
+        (i, j)
+        for i, t in enumerate(att.nodes)
+        for j, s in enumerate(att.nodes)
+        if t.kind == "comp" and s.kind in ("comp", "delta") and t.module == att.nodes[up].module
+        and s.module == att.nodes[o].module
+    ]  # fmt: skip
+    assert same_block and all(float(att.A[i, j]) == 0.0 for i, j in same_block)
+
+
+def test_neox_batched_equals_reference(neox):
+    d, tokens, ci, ref = neox
+    torch.testing.assert_close(attribute(d, tokens, ci=ci, batch_size=5).A, ref.A, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batched_equals_reference(llama, batch_size):
     d, tokens, ci, ref = llama
@@ -183,7 +236,7 @@ def test_gpt2_batched_equals_reference(gpt2):
     torch.testing.assert_close(attribute(d, tokens, ci=ci, batch_size=7).A, ref.A, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
 def test_cross_position_edges_only_from_k_v_to_o(family, request):
     _, _, _, att = request.getfixturevalue(family)
     tgt_idx, src_idx = att.A.nonzero(as_tuple=True)

@@ -81,8 +81,21 @@ class LinearComponents(nn.Module):
         return (self.V @ self.U).T
 
     def delta(self) -> Tensor:
-        """Δ = W − Ŵ (d_out, d_in), with gradient to U and V."""
-        return self.weight - self.weight_hat()
+        """Δ = W − Ŵ (d_out, d_in), with gradient to U and V when they require it.
+
+        Without a gradient to track (U and V frozen, or grad mode off) Δ is cached until U, V or W change:
+        per-prompt optimisation and evaluation run hundreds of forwards on fixed components, and the
+        C-sized product Ŵ dominated each of them.
+        """
+        if torch.is_grad_enabled() and (self.V.requires_grad or self.U.requires_grad):
+            return self.weight - self.weight_hat()
+        key = (self.V._version, self.U._version, self.weight._version, self.V.data_ptr(), self.U.data_ptr())
+        cached = self.__dict__.get("_delta_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.weight - self.weight_hat())
+            self.__dict__["_delta_cache"] = cached
+        return cached[1]
 
     def component_acts(self, x: Tensor) -> Tensor:
         """Subcomponent activations a = x V, shape (..., C) for x of shape (..., d_in)."""
@@ -169,6 +182,19 @@ class ComponentModel(nn.Module):
             weight, bias = read_weight(target.get_submodule(path))
             self.linear_components[_key(path)] = LinearComponents(weight, bias, C, generator=generator, dtype=dtype)
         assert len(self.linear_components) == len(self.module_paths), "two module paths map to one key"
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Stop gradients to U and V inside the block (restored on exit), e.g. while only CI is optimised."""
+        params = [t for c in self.linear_components.values() for t in (c.V, c.U)]
+        before = [t.requires_grad for t in params]
+        try:
+            for t in params:
+                t.requires_grad_(False)
+            yield
+        finally:
+            for t, flag in zip(params, before, strict=True):
+                t.requires_grad_(flag)
 
     def train(self, mode: bool = True) -> ComponentModel:
         super().train(mode)

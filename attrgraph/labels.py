@@ -1,0 +1,212 @@
+"""Short labels for subcomponents: from a run's harvest statistics, or from a user's JSON or CSV file.
+
+A label is keyed by either
+
+- a component key, `{block}.{attn|mlp}.{short}:{c}` such as `1.attn.q:31`, which labels the
+  subcomponent at every position, or
+- a canonical node id such as `comp/model.layers.1.self_attn.q_proj/31@4`, which labels one node.
+
+`label_for(labels, node)` looks a node up by its id first, then by its component key. The harvest
+files are written by `circuits.harvest` (this package reads them but never imports `circuits`); the
+file names and format version live here so that reader and writer share one definition.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attrgraph.nodes import NodeId, module_short_name
+from decomposer.errors import ArtifactFormatError, VpdError
+from decomposer.io import resolve_atomic_dir
+
+HARVEST_DIR = "harvest"
+HARVEST_META = "harvest.json"
+HARVEST_TENSORS = "harvest.safetensors"
+HARVEST_FORMAT = "harvest"
+HARVEST_FORMAT_VERSION = 1
+
+# A component key: anything without '/', '@' or ':' (a short module name), then ':' and an index.
+_COMPONENT_KEY = re.compile(r"[^/@:\s]+:(0|[1-9][0-9]*)")
+_EXAMPLE_KEYS = "a component key such as 1.attn.q:31 or a node id such as comp/model.layers.1.self_attn.q_proj/31@4"
+
+
+def component_key(module: str, c: int) -> str:
+    """`{block}.{sublayer}.{short}:{c}` (e.g. `1.attn.q:31`); `{module}:{c}` for modules of other families."""
+    try:
+        block, sublayer, short = module_short_name(module)
+    except VpdError:
+        return f"{module}:{c}"
+    return f"{block}.{sublayer}.{short}:{c}"
+
+
+def label_for(labels: Mapping[str, str], node: NodeId | str) -> str | None:
+    """The label of `node`: by its canonical id, else (for a subcomponent) by its component key, else None."""
+    node = NodeId.parse(node) if isinstance(node, str) else node
+    label = labels.get(str(node))
+    if label is None and node.kind == "comp":
+        assert node.module is not None and node.index is not None, f"incomplete comp node {node!r}"
+        label = labels.get(component_key(node.module, node.index))
+    return label
+
+
+def harvest_meta_path(folder: str | Path) -> Path | None:
+    """`harvest.json` of a run folder (`<folder>/harvest/`) or of a harvest folder itself; None if there is none."""
+    folder = Path(folder)
+    if (folder / HARVEST_META).is_file():
+        return folder / HARVEST_META
+    found = resolve_atomic_dir(folder / HARVEST_DIR)
+    if found is not None and (found / HARVEST_META).is_file():
+        return found / HARVEST_META
+    return None
+
+
+def read_harvest_meta(path: str | Path) -> dict[str, Any]:
+    """The contents of a `harvest.json`, with its format and version checked.
+
+    Raises:
+        ArtifactFormatError: The file is not a harvest, or has a version this release cannot read.
+    """
+    meta = json.loads(Path(path).read_text())
+    if not isinstance(meta, dict) or meta.get("format") != HARVEST_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ArtifactFormatError(f"{path} has format {found!r}, not {HARVEST_FORMAT!r}; pass a harvest folder.")
+    if meta.get("format_version") != HARVEST_FORMAT_VERSION:
+        raise ArtifactFormatError(
+            f"{path} has format_version {meta.get('format_version')!r}, but this release reads version "
+            f"{HARVEST_FORMAT_VERSION}; upgrade the package or run `vpd harvest` again."
+        )
+    return meta
+
+
+def _token_text(entry: Mapping[str, Any]) -> str:
+    token = entry.get("token")
+    return repr(token) if token is not None else f"#{entry['id']}"
+
+
+def summary_label(summary: Mapping[str, Any]) -> str:
+    """A short label from one component's harvest summary, e.g. `in ' her' → out ' hand'`.
+
+    The input part names the token that makes up most of the firings (the top of `input`, ranked by
+    recall), plus the runner-up when the top token explains less than half of them; the output part
+    names the top-PMI output token. An empty string when the summary has no token statistics.
+    """
+    inputs, outputs = summary.get("input") or [], summary.get("output") or []
+    parts = []
+    if inputs:
+        shown = inputs[:2] if inputs[0]["recall"] < 0.5 else inputs[:1]
+        parts.append("in " + "/".join(_token_text(t) for t in shown))
+    if outputs:
+        parts.append("out " + _token_text(outputs[0]))
+    return " → ".join(parts)
+
+
+def labels_for_run(run_dir: str | Path) -> dict[str, str]:
+    """Component key → short label for every alive subcomponent of a run's harvest; {} without a harvest.
+
+    Args:
+        run_dir: A run folder holding `harvest/harvest.json`, or a harvest folder itself.
+
+    Raises:
+        ArtifactFormatError: The harvest has a format version this release cannot read.
+    """
+    path = harvest_meta_path(run_dir)
+    if path is None:
+        return {}
+    components = read_harvest_meta(path).get("components", {})
+    labels = {key: summary_label(summary) for key, summary in components.items()}
+    return {key: label for key, label in labels.items() if label}
+
+
+def _check_key(key: Any, where: str, path: Path) -> str:
+    if isinstance(key, str):
+        key = key.strip()
+        if _COMPONENT_KEY.fullmatch(key):
+            return key
+        try:
+            return str(NodeId.parse(key))
+        except VpdError:
+            pass
+    raise VpdError(f"Label file {str(path)!r}: {where} key {key!r} is neither {_EXAMPLE_KEYS}.")
+
+
+def _read_json_labels(path: Path, text: str) -> dict[str, str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VpdError(
+            f"Label file {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); "
+            'write one object such as {"1.attn.q:31": "her"}.'
+        ) from None
+    if not isinstance(data, dict):
+        raise VpdError(
+            f'Label file {str(path)!r} holds a JSON {type(data).__name__}; write one object such as {{"1.attn.q:31": '
+            '"her"}.'
+        )
+    out = {}
+    for key, label in data.items():
+        checked = _check_key(key, "the", path)
+        if not isinstance(label, str):
+            raise VpdError(f"Label file {str(path)!r}: the label of {key!r} is {label!r}; labels must be strings.")
+        out[checked] = label
+    return out
+
+
+def _read_csv_labels(path: Path, text: str) -> dict[str, str]:
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as err:
+        raise VpdError(f"Label file {str(path)!r} is not valid CSV ({err}); write columns node,label.") from None
+    columns = [c.strip() for c in (csv.DictReader(io.StringIO(text)).fieldnames or [])]
+    missing = [c for c in ("node", "label") if c not in columns]
+    if missing:
+        raise VpdError(
+            f"Label file {str(path)!r} lacks the column(s) {', '.join(missing)} (found {columns or 'none'}); "
+            "write a header row node,label."
+        )
+    out = {}
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        row = {(k or "").strip(): v for k, v in row.items()}
+        node, label = row.get("node"), row.get("label")
+        if label is None:
+            raise VpdError(f"Label file {str(path)!r}: row {i} has no label; write node,label on every row.")
+        out[_check_key(node, f"row {i}", path)] = label
+    return out
+
+
+def read_label_file(path: str | Path) -> dict[str, str]:
+    """User labels from a JSON object (key → label) or a CSV file with columns `node,label`.
+
+    Keys may be component keys (`1.attn.q:31`) or canonical node ids (`comp/<module>/<c>@<t>`).
+
+    Raises:
+        VpdError: The file is missing, is not valid JSON/CSV, lacks the CSV columns, or has a bad key or label.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VpdError(
+            f"Label file {str(path)!r} does not exist; pass a JSON object of key → label or a CSV with columns "
+            "node,label."
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from spreadsheet exports would corrupt the header
+    except UnicodeDecodeError:
+        raise VpdError(f"Label file {str(path)!r} is not UTF-8 text; save it as UTF-8 JSON or CSV.") from None
+    if path.suffix.lower() == ".json":
+        return _read_json_labels(path, text)
+    if path.suffix.lower() == ".csv":
+        return _read_csv_labels(path, text)
+    raise VpdError(f"Label file {str(path)!r} has suffix {path.suffix!r}; pass a .json or .csv file.")
+
+
+def merge_labels(*labels: Mapping[str, str]) -> dict[str, str]:
+    """One dict from several; where keys repeat, the later dict wins (e.g. harvest labels, then user labels)."""
+    out: dict[str, str] = {}
+    for one in labels:
+        out.update(one)
+    return out

@@ -1,0 +1,572 @@
+"""Query/key pair interactions of one prompt: the exact split of attention scores (attribution-graphs.md §7).
+
+Notation: a q subcomponent c writes u_{Q,c} (row c of `U`, length H·d_head) with activation a_{Q,c}(t) = v_{Q,c}·x(t);
+u^h is the head-h slice `U[c, h*d_head:(h+1)*d_head]`. With GQA (H_kv < H key/value heads) query head h reads
+kv head h // (H / H_kv). R_t is the rotary embedding at position t.
+
+Algorithm (`score_terms`):
+
+1. One clean forward records the inputs x of the layer's q_proj, k_proj (and o_proj), and the (cos, sin)
+   that the attention module itself received, so the rotation is the model's own at the actual positions:
+   rotate-half pairing, its base and scaling, and partial rotary (only the first `cos.shape[-1]` dims of
+   each head rotate).
+2. Each side splits exactly into pieces: q(t) = Σ_c a_{Q,c}(t) u_{Q,c} + x(t) Δ_Qᵀ + b_Q, where Δ = W − Σ_c u_c v_cᵀ.
+   R_t is linear, so every piece is rotated separately: a_{Q,c}(t) R_t u^h_{Q,c}, R_t (x Δ_Qᵀ)^h, R_t b^h_Q.
+3. The pre-softmax score of head h (before the 1/√d_head scale) is (R_t q^h(t)) · (R_{t′} k^{kv(h)}(t′)).
+   Expanding both sums gives, for every pair of pieces, one term; the (component, component) terms are
+   the data-dependent strengths DD(c, c′, t, t′, h) = a_{Q,c}(t) a_{K,c′}(t′) (R_t u^h_{Q,c})·(R_{t′} u^h_{K,c′}).
+   All terms together reproduce the model's score exactly (up to float rounding).
+
+Everything is computed in float64, whatever the model's dtype, so that the sums hold to ~1e-12.
+Models with q/k normalisation after the projection (q_norm/k_norm) are refused: their scores are not
+bilinear in the pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attrgraph.nodes import NodeId, module_short_name, short_label
+from decomposer.errors import VpdError
+from decomposer.vpd.run import Decomposition
+
+__all__ = [
+    "AttentionLayout",
+    "Rope",
+    "ScoreTerms",
+    "add_qk_pairs",
+    "apply_rope",
+    "attention_layout",
+    "attention_pattern",
+    "data_dependent_strength",
+    "qk_pairs_for_o",
+    "rope_cos_sin",
+    "rope_of",
+    "score_decomposition",
+    "score_terms",
+    "split_heads",
+]
+
+
+# --- layout ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where one layer's attention lives and how its heads are laid out.
+
+    Attributes:
+        layer: Block index.
+        attn_path: The attention module (parent of q_proj).
+        q_path, k_path: The decomposed q and k projections.
+        v_path, o_path: The decomposed v and o projections, or None where they are not decomposed.
+        n_heads: Query heads H.
+        n_kv: Key/value heads H_kv (H_kv < H for GQA).
+        d_head: Width of one head.
+        scaling: The model's score scale (1/√d_head for Llama).
+    """
+
+    layer: int
+    attn_path: str
+    q_path: str
+    k_path: str
+    v_path: str | None
+    o_path: str | None
+    n_heads: int
+    n_kv: int
+    d_head: int
+    scaling: float
+
+    def kv_head(self, h: int) -> int:
+        """The key/value head read by query head `h`."""
+        return h // (self.n_heads // self.n_kv)
+
+    @property
+    def kv_index(self) -> Tensor:
+        """(H,) kv head of every query head."""
+        return torch.arange(self.n_heads) // (self.n_heads // self.n_kv)
+
+
+def _blocks_with(d: Decomposition, short: str) -> dict[int, str]:
+    out = {}
+    for path in d.module_paths:
+        block, part, name = module_short_name(path)
+        if part == "attn" and name == short:
+            out[block] = path
+    return out
+
+
+def attention_layout(d: Decomposition, layer: int) -> AttentionLayout:
+    """The attention layout of block `layer`, whose q and k projections must both be decomposed.
+
+    Raises:
+        VpdError: `layer` is not a block with decomposed q_proj and k_proj, or the attention normalises
+            q/k after the projection, or the head sizes do not divide.
+    """
+    qs, ks = _blocks_with(d, "q"), _blocks_with(d, "k")
+    layers = sorted(set(qs) & set(ks))
+    if not layers:
+        raise VpdError(
+            "No block has both q_proj and k_proj decomposed, so there are no q/k pairs. Decompose "
+            "`model.layers.*.self_attn.*_proj`."
+        )
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer not in layers:
+        raise VpdError(
+            f"`layer` {layer!r} is not a block with decomposed q and k projections; use one of "
+            f"{', '.join(map(str, layers))}."
+        )
+    q_path, k_path = qs[layer], ks[layer]
+    attn_path = q_path.rsplit(".", 1)[0]
+    attn = d.model.target.get_submodule(attn_path)
+    for name in ("q_norm", "k_norm"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            raise VpdError(
+                f"Attention {attn_path!r} normalises {name[0]} after the projection, so its scores do not "
+                "split into q/k subcomponent pairs. Use a model without q/k normalisation."
+            )
+    q, k = d.model.components(q_path), d.model.components(k_path)
+    config = d.model.target.config
+    d_head = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if q.d_out % d_head or k.d_out % d_head or (q.d_out // d_head) % (k.d_out // d_head):
+        raise VpdError(f"Layer {layer}: q width {q.d_out} and k width {k.d_out} do not split into heads of {d_head}.")
+    return AttentionLayout(
+        layer=layer,
+        attn_path=attn_path,
+        q_path=q_path,
+        k_path=k_path,
+        v_path=_blocks_with(d, "v").get(layer),
+        o_path=_blocks_with(d, "o").get(layer),
+        n_heads=q.d_out // d_head,
+        n_kv=k.d_out // d_head,
+        d_head=d_head,
+        scaling=float(getattr(attn, "scaling", d_head**-0.5)),
+    )
+
+
+# --- rotary embedding -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The target's rotary embedding in float64.
+
+    Attributes:
+        inv_freq: (rotary_dim / 2,) angular frequencies θ_i; position p rotates pair i by p·θ_i.
+        scaling: The factor the model multiplies cos and sin by (1 for default RoPE; YaRN etc. differ).
+    """
+
+    inv_freq: Tensor
+    scaling: float
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that rotate; the rest pass through (partial rotary)."""
+        return 2 * self.inv_freq.numel()
+
+
+def _rotary_module(target: nn.Module) -> nn.Module | None:
+    for module in target.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and isinstance(getattr(module, "inv_freq", None), Tensor):
+            return module
+    return None
+
+
+def rope_of(d: Decomposition) -> Rope | None:
+    """The target's rotary embedding, or None for a model without RoPE (then R_τ = I).
+
+    The frequencies are the rotary module's `inv_freq` buffer as loaded (dynamic-scaling types change
+    them only past the original context).
+    """
+    module = _rotary_module(d.model.target)
+    if module is None:
+        return None
+    return Rope(module.inv_freq.detach().double().cpu(), float(getattr(module, "attention_scaling", 1.0)))
+
+
+def rope_cos_sin(rope: Rope | None, positions: Tensor, *, head_dim: int) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (P, rotary_dim), in the HF layout cat(p·θ, p·θ) and times `rope.scaling`.
+
+    For `rope` None both have width 0, so `apply_rope` leaves its input unchanged.
+    """
+    positions = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
+    if rope is None:
+        empty = torch.zeros(positions.numel(), 0, dtype=torch.float64)
+        return empty, empty
+    if rope.rotary_dim > head_dim:
+        raise VpdError(f"The rotary width {rope.rotary_dim} exceeds the head width {head_dim}.")
+    angles = positions[:, None] * rope.inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos() * rope.scaling, angles.sin() * rope.scaling
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's rotate-half RoPE on the first `cos.shape[-1]` dims of `x` (..., d_head); the rest pass through.
+
+    `cos` and `sin` broadcast against `x[..., :rotary_dim]`.
+    """
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return torch.cat((out, x_pass.expand(*out.shape[:-1], x_pass.shape[-1])), dim=-1)
+
+
+# --- the score decomposition ----------------------------------------------------------------------
+
+
+def _prompt_ids(d: Decomposition, ids: Tensor) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.is_floating_point():
+        raise VpdError("`ids` must be an integer tensor of token ids, shape (T,) or (1, T).")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise VpdError(f"`ids` must have shape (T,) or (1, T) with T ≥ 1; got {tuple(ids.shape)}.")
+    return ids.to(d.model_device)
+
+
+@dataclass
+class ScoreTerms:
+    """The rotated pieces of q and k for one prompt and one layer; every score term is a dot product of two.
+
+    Attributes:
+        layout: The layer's attention layout.
+        q_comp: (T, H, C_Q, d_head): a_{Q,c}(t) · R_t u^h_{Q,c}.
+        k_comp: (T, H_kv, C_K, d_head): a_{K,c′}(t′) · R_{t′} u^h_{K,c′}.
+        q_rest: "delta" (R_t x Δ_Qᵀ) and, if the projection has one, "bias" (R_t b_Q), each (T, H, d_head).
+        k_rest: The same for k, (T, H_kv, d_head).
+        q: (T, H, d_head): the model's rotated query R_t (x W_Qᵀ + b_Q).
+        k: (T, H_kv, d_head): the model's rotated key.
+        x_o: (T, H·d_head): the input of o_proj (the concatenated head outputs), or None if o is not decomposed.
+    """
+
+    layout: AttentionLayout
+    q_comp: Tensor
+    k_comp: Tensor
+    q_rest: dict[str, Tensor]
+    k_rest: dict[str, Tensor]
+    q: Tensor
+    k: Tensor
+    x_o: Tensor | None
+
+    @property
+    def n_positions(self) -> int:
+        return self.q.shape[0]
+
+    def scores(self) -> Tensor:
+        """(H, T, T) pre-softmax scores of the model before the scale, [h, t, t′] = q^h(t)·k^{kv(h)}(t′)."""
+        k = self.k[:, self.layout.kv_index]  # (T, H, d)
+        return torch.einsum("thd,shd->hts", self.q, k)
+
+    def attention(self) -> Tensor:
+        """(H, T, T) causal attention weights softmax(scaling · score) over keys t′ ≤ t."""
+        T = self.n_positions
+        logits = self.layout.scaling * self.scores()
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        return logits.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+@contextmanager
+def _capture_rotation(d: Decomposition, attn_path: str) -> Iterator[dict[str, Any]]:
+    """Record the `position_embeddings` (cos, sin) the attention module is called with."""
+    seen: dict[str, Any] = {}
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen["pe"] = kwargs.get("position_embeddings")
+
+    handle = d.model.target.get_submodule(attn_path).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def split_heads(x: Tensor, d_head: int) -> Tensor:
+    """(..., n·d_head) → (..., n, d_head)."""
+    return x.reshape(*x.shape[:-1], -1, d_head)
+
+
+def score_terms(d: Decomposition, ids: Tensor, layer: int) -> ScoreTerms:
+    """Split every attention score of block `layer` on one prompt into q-piece × k-piece terms.
+
+    Args:
+        d: The decomposition; q_proj and k_proj of `layer` must be decomposed.
+        ids: Token ids (T,) or (1, T), one prompt without padding (positions 0..T−1).
+        layer: Block index.
+
+    Returns:
+        The rotated pieces; see `data_dependent_strength` and `score_decomposition` for the terms.
+
+    Raises:
+        VpdError: Bad `ids` or a `layer` without decomposed q and k (see `attention_layout`).
+    """
+    layout = attention_layout(d, layer)
+    ids = _prompt_ids(d, ids)
+    T, dh = ids.shape[1], layout.d_head
+    with _capture_rotation(d, layout.attn_path) as seen, torch.no_grad():
+        _, xs = d.model.forward_with_inputs(ids)
+    with torch.no_grad():
+        pe = seen.get("pe")
+        if pe is not None:
+            cos, sin = (t[0].double().cpu() for t in pe)  # (T, rotary_dim): exactly what the model used
+        else:
+            module = _rotary_module(d.model.target)
+            if module is not None:  # the attention computes no rotation itself, the model hands it one
+                x = xs[layout.q_path]
+                cos, sin = (t[0].double().cpu() for t in module(x, torch.arange(T, device=x.device)[None]))
+            else:
+                cos, sin = rope_cos_sin(None, torch.arange(T), head_dim=dh)
+
+        def side(path: str) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+            comp = d.model.components(path)
+            x = xs[path][0].double().cpu()  # (T, d_in)
+            V, U = comp.V.detach().double().cpu(), comp.U.detach().double().cpu()
+            W = comp.weight.detach().double().cpu()
+            bias = None if comp.bias is None else comp.bias.detach().double().cpu()
+            a = x @ V  # (T, C)
+            # R_t u_c for every t, then scaled by a_c(t): (T, C, n, d) → (T, n, C, d).
+            u_rot = apply_rope(split_heads(U, dh)[None], cos[:, None, None], sin[:, None, None])
+            parts = (a[:, :, None, None] * u_rot).permute(0, 2, 1, 3).contiguous()
+            delta = F.linear(x, W - (V @ U).T)  # x Δᵀ with Δ = W − Ŵ, Ŵ = (V U)ᵀ
+            rest = {"delta": apply_rope(split_heads(delta, dh), cos[:, None], sin[:, None])}
+            if bias is not None:
+                rest["bias"] = apply_rope(split_heads(bias, dh)[None].expand(T, -1, -1), cos[:, None], sin[:, None])
+            full = apply_rope(split_heads(F.linear(x, W, bias), dh), cos[:, None], sin[:, None])
+            return parts, rest, full
+
+        q_comp, q_rest, q = side(layout.q_path)
+        k_comp, k_rest, k = side(layout.k_path)
+        x_o = xs[layout.o_path][0].double().cpu() if layout.o_path is not None else None
+    return ScoreTerms(layout, q_comp, k_comp, q_rest, k_rest, q, k, x_o)
+
+
+def _check_pos(name: str, value: Any, T: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < T:
+        raise VpdError(f"`{name}` must be a position in 0..{T - 1}; got {value!r}.")
+    return value
+
+
+def data_dependent_strength(terms: ScoreTerms, t: int, t_key: int, head: int | None = None) -> Tensor:
+    """DD(c, c′, t, t′, h) = a_{Q,c}(t) a_{K,c′}(t′) (R_t u^h_{Q,c})·(R_{t′} u^h_{K,c′}), before the 1/√d_head scale.
+
+    Args:
+        terms: From `score_terms`.
+        t: Query position.
+        t_key: Key position t′ (the model masks t′ > t; the term is still defined there).
+        head: A query head, or None for all heads.
+
+    Returns:
+        (C_Q, C_K) for one head, else (H, C_Q, C_K).
+
+    Raises:
+        VpdError: A position or head out of range.
+    """
+    T, lay = terms.n_positions, terms.layout
+    _check_pos("t", t, T)
+    _check_pos("t_key", t_key, T)
+    q, k = terms.q_comp[t], terms.k_comp[t_key][lay.kv_index]  # (H, C_Q, d), (H, C_K, d)
+    if head is None:
+        return torch.einsum("hcd,hed->hce", q, k)
+    _check_pos("head", head, lay.n_heads)
+    return q[head] @ k[head].T
+
+
+def score_decomposition(terms: ScoreTerms, t: int, t_key: int) -> dict[str, Tensor]:
+    """Every term of the score of (t, t′) per head; they sum to the model's pre-softmax score (before the scale).
+
+    Keys are "{q piece}·{k piece}" with pieces "comp", "delta" and (when the projection has a bias)
+    "bias": "comp·comp" is DD (H, C_Q, C_K), "comp·delta" (H, C_Q), "delta·comp" (H, C_K), and a
+    rest·rest term such as "delta·bias" is (H,).
+
+    Raises:
+        VpdError: A position out of range.
+    """
+    T, lay = terms.n_positions, terms.layout
+    _check_pos("t", t, T)
+    _check_pos("t_key", t_key, T)
+    kv = lay.kv_index
+    q_pieces = {"comp": terms.q_comp[t], **{n: v[t] for n, v in terms.q_rest.items()}}
+    k_pieces = {"comp": terms.k_comp[t_key][kv], **{n: v[t_key][kv] for n, v in terms.k_rest.items()}}
+    out = {}
+    for qn, q in q_pieces.items():
+        for kn, k in k_pieces.items():
+            q_ = q if qn == "comp" else q[:, None]  # (H, C or 1, d)
+            k_ = k if kn == "comp" else k[:, None]
+            term = torch.einsum("hcd,hed->hce", q_, k_)
+            if qn != "comp":
+                term = term[:, 0]
+            if kn != "comp":
+                term = term[..., 0]
+            out[f"{qn}·{kn}"] = term
+    return out
+
+
+# --- attention patterns under interventions -------------------------------------------------------
+
+
+@contextmanager
+def _eager_attention(target: nn.Module) -> Iterator[None]:
+    """Run the target with eager attention, which returns its weights; restore the previous kind after."""
+    config = getattr(target, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    target.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        target.set_attn_implementation(before)
+
+
+def attention_pattern(
+    d: Decomposition,
+    ids: Tensor,
+    layer: int,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+    delta_masks: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """The attention weights of block `layer` as the model computes them, (B, H, T, T).
+
+    Runs the component model (`masks`/`delta_masks` as in `ComponentModel.forward`; none: the target)
+    with eager attention and records the weights the attention module returns.
+
+    Args:
+        d: The decomposition.
+        ids: Token ids (T,) or (B, T).
+        layer: Block index.
+        masks: Path → subcomponent mask (B, T, C), e.g. to ablate a subcomponent.
+        delta_masks: Path → delta mask (B, T).
+
+    Raises:
+        VpdError: A `layer` without decomposed q and k, or an attention module that returns no weights.
+    """
+    layout = attention_layout(d, layer)
+    if ids.ndim == 1:
+        ids = ids[None]
+    seen: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if not isinstance(weights, Tensor):
+            raise VpdError(f"Attention {layout.attn_path!r} returned no weights even with eager attention.")
+        seen["weights"] = weights.detach()
+
+    handle = d.model.target.get_submodule(layout.attn_path).register_forward_hook(hook)
+    try:
+        with _eager_attention(d.model.target), torch.no_grad():
+            d.model(ids.to(d.model_device), masks=masks, delta_masks=delta_masks)
+    finally:
+        handle.remove()
+    return seen["weights"]
+
+
+# --- q/k pairs behind the o nodes of a graph ------------------------------------------------------
+
+
+def _head_share(z: Tensor, v_o: Tensor, d_head: int) -> Tensor:
+    """(H,) |v^h_o · z_h| / Σ_h′ |v^h′_o · z_h′|: how much of a_o = v_o · z comes through each head (uniform if 0)."""
+    per_head = (split_heads(z, d_head) * split_heads(v_o, d_head)).sum(-1).abs()
+    total = per_head.sum()
+    return per_head / total if total > 0 else torch.full_like(per_head, 1.0 / per_head.numel())
+
+
+def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -> list[dict[str, Any]]:
+    """For every o-subcomponent node of `G`, the q/k subcomponent pairs that most shape the attention it reads.
+
+    Definition. For an o node (block L, subcomponent c_o, position t):
+
+    - head share r_h = |a^h_o| / Σ_h′ |a^h′_o|, where a^h_o = v^h_{O,c_o} · z_h(t) is the part of the o
+      activation a_o = Σ_h a^h_o read from head h's output z_h(t) (v^h the head-h slice of v_{O,c_o});
+    - for every query head h, key position t′ ≤ t, q subcomponent c and k subcomponent c′ of block L:
+      strength = r_h · A_h(t, t′) · DD(c, c′, t, t′, h), with A the model's attention weights and DD
+      the data-dependent strength (score units, before 1/√d_head);
+    - the `top` entries by |strength| are kept, strongest first (rank 0). A positive strength means the
+      pair raised the score of a key the head attends to.
+
+    Args:
+        d: The decomposition.
+        ids: The graph's prompt token ids, (T,) or (1, T), covering every node position.
+        G: An attribution graph (`attrgraph.graph`); o nodes have kind "comp" and sublayer "o".
+        top: Pairs kept per o node.
+
+    Returns:
+        Plain JSON-ready dicts, grouped by o node in graph order: o_node, o_label, q_node, k_node (canonical
+        ids at positions t and t′), q_label, k_label, q_in_graph, k_in_graph, query_pos, key_pos, head,
+        dd, attention, head_share, strength, rank.
+
+    Raises:
+        VpdError: A bad `top` or `ids`, or an o node outside the prompt or in a block without decomposed q, k.
+    """
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise VpdError(f"`top` must be a positive int; got {top!r}.")
+    o_nodes = [(n, a) for n, a in G.nodes(data=True) if a.get("kind") == "comp" and a.get("sublayer") == "o"]
+    T = _prompt_ids(d, ids).shape[1]
+    by_layer: dict[int, list[tuple[str, dict]]] = {}
+    for n, a in o_nodes:
+        if not 0 <= int(a["pos"]) < T:
+            raise VpdError(
+                f"o node {n!r} is at position {a['pos']}, outside the {T}-token `ids`; pass the graph's prompt."
+            )
+        by_layer.setdefault(module_short_name(a["module"])[0], []).append((n, a))
+    found: dict[str, list[dict[str, Any]]] = {}
+    for layer, nodes in by_layer.items():
+        terms = score_terms(d, ids, layer)
+        lay, A = terms.layout, terms.attention()
+        dd, dd_pos = None, -1
+        for n, a in sorted(nodes, key=lambda item: int(item[1]["pos"])):
+            if a["module"] != lay.o_path:
+                raise VpdError(f"o node {n!r} is not on the decomposed o_proj of block {layer}.")
+            t = int(a["pos"])
+            if t != dd_pos:  # nodes come sorted by position, so one position's DD is held at a time
+                k = terms.k_comp[: t + 1][:, lay.kv_index]  # (t+1, H, C_K, d)
+                dd, dd_pos = torch.einsum("hcd,shed->hsce", terms.q_comp[t], k), t  # (H, t+1, C_Q, C_K)
+            v_o = d.model.components(lay.o_path).V[:, int(a["index"])].detach().double().cpu()
+            share = _head_share(terms.x_o[t], v_o, lay.d_head)
+            weighted = share[:, None, None, None] * A[:, t, : t + 1, None, None] * dd
+            flat = weighted.flatten().abs().topk(min(top, weighted.numel())).indices
+            rows = []
+            for rank, idx in enumerate(zip(*torch.unravel_index(flat, weighted.shape), strict=True)):
+                h, s, c, c_k = (int(i) for i in idx)
+                q_node, k_node = NodeId.comp(lay.q_path, c, t), NodeId.comp(lay.k_path, c_k, s)
+                rows.append({
+                    "o_node": n,
+                    "o_label": short_label(NodeId.parse(n)),
+                    "q_node": str(q_node),
+                    "k_node": str(k_node),
+                    "q_label": short_label(q_node),
+                    "k_label": short_label(k_node),
+                    "q_in_graph": str(q_node) in G,
+                    "k_in_graph": str(k_node) in G,
+                    "query_pos": t,
+                    "key_pos": s,
+                    "head": h,
+                    "dd": float(dd[h, s, c, c_k]),
+                    "attention": float(A[h, t, s]),
+                    "head_share": float(share[h]),
+                    "strength": float(weighted[h, s, c, c_k]),
+                    "rank": rank,
+                })  # fmt: skip
+            found[n] = rows
+    return [row for n, _ in o_nodes for row in found[n]]
+
+
+def add_qk_pairs(G: nx.DiGraph, d: Decomposition, ids: Tensor, top: int = 5) -> nx.DiGraph:
+    """A copy of `G` whose `graph["qk_pairs"]` holds `qk_pairs_for_o(d, ids, G, top)`; `G` is unchanged.
+
+    Raises:
+        VpdError: As `qk_pairs_for_o`.
+    """
+    pairs = qk_pairs_for_o(d, ids, G, top)
+    H = G.copy()  # copies the graph-attribute dict too, so G keeps its own qk_pairs
+    H.graph["qk_pairs"] = pairs
+    return H

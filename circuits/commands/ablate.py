@@ -1,0 +1,131 @@
+"""`vpd ablate`: intervene on subcomponents of one prompt and compare the prediction and a continuation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+TOP_K = 5
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="ablate, rescale or resample subcomponents on one prompt")
+    p.add_argument("--run", required=True, help="decomposition run folder, or `bundled`")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument(
+        "--nodes",
+        required=True,
+        nargs="+",
+        metavar="NODE",
+        help="subcomponents as block.part.matrix:c (every position) or block.part.matrix:c@t, e.g. 1.attn.q:31",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("zero", "mean", "resample", "scale"),
+        default="zero",
+        help="zero the activation, replace it by its held-out mean or by a held-out token's, or scale it",
+    )
+    p.add_argument("--scale", type=float, default=None, help="the factor of `--kind scale`")
+    p.add_argument("--target", default=None, help="the token whose probability to report (default: the top one)")
+    p.add_argument("--position", type=int, default=None, help="read-out position (default: the last token)")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="also continue greedily for N tokens")
+    p.add_argument("--reference-size", type=int, default=16, help="held-out windows for `mean` and `resample`")
+    p.add_argument("--seed", type=int, default=0, help="seeds the `resample` draws")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_ablate)
+
+
+def _top(probs, tokenizer, k: int = TOP_K) -> list[dict]:
+    values, ids = probs.topk(k)
+    return [
+        {"token": tokenizer.decode([i]), "id": i, "probability": v}
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
+
+
+def _reference(d, tokenizer, size: int):
+    """The first `size` held-out windows, as for `vpd eval`."""
+    from decomposer.target.loading import BUNDLED
+    from decomposer.vpd.batches import heldout_tokens, lm_eval_batches
+
+    cfg = d.config
+    context = getattr(d.model.target.config, "max_position_embeddings", None) or cfg.optim.seq_len
+    held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    return lm_eval_batches(held, batch_size=size, seq_len=min(cfg.optim.seq_len, context), n_batches=1)[0]
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from attrgraph.graph import resolve_prompt
+    from circuits.interventions import Intervention, ablate, generate, resolve_sites
+    from decomposer.errors import VpdError
+    from decomposer.vpd.load import load_run
+
+    if (args.kind == "scale") != (args.scale is not None):
+        raise VpdError(
+            f"`--scale` goes with `--kind scale` and only with it; got --kind {args.kind}, --scale "
+            f"{args.scale}. Pass e.g. `--kind scale --scale 0.5`."
+        )
+    if args.generate < 0 or args.reference_size < 1:
+        raise VpdError(
+            f"`--generate` must be ≥ 0 and `--reference-size` ≥ 1; got {args.generate}, {args.reference_size}."
+        )
+    d, tokenizer, _ = load_run(args.run)
+    ids, pos, label, _ = resolve_prompt(d, tokenizer, args.prompt, args.target, args.position)
+    resolve_sites(d, args.nodes, seq_len=ids.shape[1], name="--nodes")
+    reference = _reference(d, tokenizer, args.reference_size) if args.kind in ("mean", "resample") else None
+    result = ablate(
+        d,
+        ids,
+        args.nodes,
+        args.kind,
+        scale=args.scale,
+        reference=reference,
+        seed=args.seed,
+        target_pos=pos,
+        target_token=label,
+    )
+    before = result.target_logits[0, pos].double().softmax(-1)
+    after = result.logits[0, pos].double().softmax(-1)
+    summary = {
+        "prompt": args.prompt,
+        "nodes": list(args.nodes),
+        "kind": args.kind,
+        "scale": args.scale,
+        "target_token": tokenizer.decode([label]),
+        "target_pos": pos,
+        "p_before": float(result.p_target[0]),
+        "p_after": float(result.p_intervened[0]),
+        "kl_before": 0.0,
+        "kl_after": float(result.kl[0, pos]),
+        "kl_mean_over_positions": float(result.kl[0].mean()),
+        "top_before": _top(before, tokenizer),
+        "top_after": _top(after, tokenizer),
+        "generation": None,
+    }
+    if args.generate:
+        iv = Intervention(tuple(args.nodes), args.kind, args.scale, reference, args.seed)
+        summary["generation"] = {
+            "tokens": args.generate,
+            "without": generate(d, tokenizer, args.prompt, (), args.generate),
+            "with": generate(d, tokenizer, args.prompt, iv, args.generate),
+        }
+    if args.json:
+        json.dump(summary, sys.stdout)
+        print()
+        return
+    what = args.kind if args.scale is None else f"scale ×{args.scale:g}"
+    print(f"{args.prompt!r} at position {pos}; {what}: {', '.join(args.nodes)}")
+    print(f"P({summary['target_token']!r}): before {summary['p_before']:.4f}, after {summary['p_after']:.4f}")
+    print(
+        f"KL(target ‖ ·) at position {pos}: before 0.0000, after {summary['kl_after']:.4f} "
+        f"(mean over positions {summary['kl_mean_over_positions']:.4f})"
+    )
+    for name in ("before", "after"):
+        shown = "  ".join(f"{x['token']!r} {x['probability']:.3f}" for x in summary[f"top_{name}"])
+        print(f"top-{TOP_K} {name + ':':<8}{shown}")
+    if summary["generation"]:
+        gen = summary["generation"]
+        print(f"continuation ({gen['tokens']} tokens):")
+        print(f"  without: {gen['without']!r}")
+        print(f"  with:    {gen['with']!r}")

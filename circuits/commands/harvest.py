@@ -1,0 +1,139 @@
+"""`vpd harvest` (component statistics over held-out text) and `vpd component` (one subcomponent's card)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    harvest = sub.add_parser("harvest", help="component statistics over held-out text: rates, tokens, examples")
+    harvest.add_argument("--run", required=True, help="decomposition run folder, or `bundled`")
+    harvest.add_argument("--tokens", type=int, default=65_536, help="held-out tokens to read (default 65,536)")
+    harvest.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    harvest.add_argument("--tau", type=float, default=0.1, help="a subcomponent fires where CI > tau (default 0.1)")
+    harvest.add_argument("--out", default=None, help="folder that receives harvest/ (default: the run folder)")
+    harvest.add_argument("--json", action="store_true", help="print one JSON object")
+    harvest.set_defaults(handler=_harvest)
+
+    component = sub.add_parser("component", help="one subcomponent's card from a harvest: text and an HTML page")
+    component.add_argument("--run", required=True, help="decomposition run folder, or `bundled`")
+    component.add_argument("key", help="component key, e.g. 1.attn.q:31")
+    component.add_argument("--harvest", default=None, help="folder holding harvest/ (default: the run folder)")
+    component.add_argument("--out", default=None, help="HTML page to write (default: <harvest folder>/components/)")
+    component.add_argument("--json", action="store_true", help="print one JSON object")
+    component.set_defaults(handler=_component)
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+def _harvest(args: argparse.Namespace) -> None:
+    import torch
+
+    from circuits.harvest import harvest, save_harvest
+    from decomposer.errors import VpdError
+    from decomposer.target.loading import BUNDLED
+    from decomposer.vpd.batches import heldout_tokens, lm_eval_batches
+    from decomposer.vpd.load import load_run
+    from decomposer.vpd.report import resolve_run
+    from decomposer.vpd.run import read_metadata
+
+    if args.tokens < 1:
+        raise VpdError(f"`--tokens` must be at least 1; got {args.tokens}.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise VpdError(f"`--batch-size` must be at least 1; got {args.batch_size}.")
+    if not 0 <= args.tau < 1:
+        raise VpdError(f"`--tau` must be in [0, 1); got {args.tau}. Pass a CI threshold such as 0.1.")
+    run_dir = resolve_run(args.run)
+    read_metadata(run_dir)  # a missing run is reported as such, not as a read-only folder
+    out = Path(args.out) if args.out is not None else run_dir
+    if args.out is None and not _writable(run_dir):
+        raise VpdError(
+            f"`--out` is required because the run folder {run_dir} is read-only (as the bundled run is); "
+            "pass `--out DIR`."
+        )
+    d, tokenizer, _ = load_run(args.run)
+    if torch.cuda.is_available():  # the pass runs where the decomposition lives
+        d.model.to("cuda")
+        d.ci_fn.to("cuda")
+    cfg = d.config
+    batch_size, seq_len = args.batch_size or cfg.optim.batch_size, cfg.optim.seq_len
+    held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    n_batches = math.ceil(args.tokens / (batch_size * seq_len))
+    batches = lm_eval_batches(held, batch_size=batch_size, seq_len=seq_len, n_batches=n_batches)
+    if not batches:
+        raise VpdError(f"The held-out text has {len(held)} tokens, fewer than one window of {seq_len}.")
+    h = harvest(d, batches, tokenizer=tokenizer, tau_fire=args.tau, progress=True)
+    try:
+        folder = save_harvest(h, out, progress=True)
+    except OSError as err:
+        raise VpdError(
+            f"Could not write the harvest into `--out` {str(out)!r} ({err.strerror}); pass a writable folder."
+        ) from None
+    densest = sorted(h.alive.tolist(), key=lambda flat: -float(h.density[flat]))[:10]
+    summary = {
+        "tokens": h.n_tokens,
+        "sequences": len(h.seq_starts) - 1,
+        "seconds": h.seconds,
+        "tokens_per_s": h.tokens_per_s,
+        "device": str(d.model_device),
+        "tau_fire": h.tau_fire,
+        "alive": len(h.alive),
+        "C_total": h.C_total,
+        "densest": [{"key": h.key(f), "density": float(h.density[f]), "mean_ci": float(h.mean_ci[f])} for f in densest],
+        "folder": str(folder),
+    }
+    if args.json:
+        json.dump(summary, sys.stdout)
+        print()
+        return
+    print(
+        f"harvested {h.n_tokens:,} tokens ({summary['sequences']:,} sequences of {seq_len}) in {h.seconds:.1f} s: "
+        f"{h.tokens_per_s:,.0f} tokens/s on {summary['device']}"
+    )
+    if h.n_tokens < args.tokens:
+        print(f"(the held-out text holds {len(held):,} tokens, fewer than the {args.tokens:,} asked for)")
+    print(f"alive at CI > {h.tau_fire}: {len(h.alive):,} of {h.C_total:,} subcomponents")
+    print("densest subcomponents:")
+    for row in summary["densest"]:
+        label = h.summary(h.flat_index(row["key"]))["label"]
+        print(f"  {row['key']:<18} density {row['density']:.4f}  mean CI {row['mean_ci']:.4f}  {label}")
+    print(f"wrote {folder}")
+
+
+def _component(args: argparse.Namespace) -> None:
+    from attrgraph.labels import harvest_meta_path
+    from circuits.component import component_card, render_component_html
+    from circuits.harvest import load_harvest
+    from decomposer.errors import VpdError
+    from decomposer.vpd.load import load_run
+    from decomposer.vpd.report import resolve_run
+    from decomposer.vpd.run import read_metadata
+
+    run_dir = resolve_run(args.run)
+    read_metadata(run_dir)  # a missing run is reported before a missing harvest
+    where = Path(args.harvest) if args.harvest is not None else run_dir
+    meta_path = harvest_meta_path(where)
+    if meta_path is None:
+        raise VpdError(f"No harvest in {str(where)!r}; run `vpd harvest --run {args.run}` first, or pass `--harvest`.")
+    h = load_harvest(meta_path.parent)
+    d, _, _ = load_run(args.run)
+    card = component_card(d, h, args.key)
+    key = card.data["key"]
+    out = Path(args.out) if args.out else meta_path.parent.parent / "components" / f"{key.replace(':', '_')}.html"
+    try:
+        page = render_component_html(card, out)
+    except OSError as err:
+        raise VpdError(f"Could not write the page {str(out)!r} ({err.strerror}); pass `--out FILE.html`.") from None
+    if args.json:
+        json.dump({**card.data, "html": str(page)}, sys.stdout)
+        print()
+        return
+    print(card.text)
+    print(f"\nHTML: {page}")

@@ -1,0 +1,800 @@
+"""Interventions on a decomposition: ablate, keep, rescale or replace subcomponents (attribution-graphs.md §3, §5).
+
+A *site* is subcomponent c of one decomposed matrix, at every position or at one position t. Strings name
+it as `{block}.{attn|mlp}.{matrix}:{c}` or `...:{c}@{t}` (e.g. `1.attn.q:31`, `2.mlp.down:17@3`); the
+graph label form `{block}.{part}.{matrix}:{t}:{c}`, canonical ids `comp/{module}/{c}@{t}` and `NodeId`s
+work too. Other graph nodes (embeddings, logits, deltas) are skipped where a whole graph may be passed.
+
+Kinds of `Intervention`, with a_c = x·v_c the activation and u_c the write vector of subcomponent c:
+
+| kind     | a_c becomes                                                                      |
+|----------|----------------------------------------------------------------------------------|
+| zero     | 0                                                                                |
+| scale    | s·a_c                                                                            |
+| mean     | the mean of a_c over every token of a reference batch (clean target forward)     |
+| resample | a_c on one reference token, drawn uniformly per (row, position) and shared by    |
+|          | every listed subcomponent, so the replacement is one coherent other token        |
+
+Two implementations of one algebra. With masks m, all other masks 1 and Δ on, a matrix outputs
+W x + Σ_c (m_c − 1)·a_c·u_c. `ablate` runs zero (m = 0) and scale (m = s) through the masked forward
+`d.model(ids, masks=..., delta_masks=...)`, as §3 defines them. A replacement value that is not a multiple
+of a_c (mean, resample) cannot be a mask, so it is a forward hook on the target's module that adds
+Σ_c (a'_c − a_c)·u_c to its output; `intervene` uses such hooks for every kind, because only hooks work on
+a plain HF call (`model(ids)`, `model.generate`, a KV cache). The hooks must not be combined with
+`d.model(..., masks=...)`, whose own hooks replace the module output and would drop the correction.
+
+A resample draw depends only on (seed, row, absolute position), so a full forward and incremental
+generation with a KV cache replace the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from attrgraph.nodes import NodeId, module_short_name
+from decomposer.errors import VpdError
+from decomposer.vpd.run import Decomposition
+
+Kind = Literal["zero", "mean", "resample", "scale"]
+KINDS = ("zero", "mean", "resample", "scale")
+_STOCH_CHUNK = 16  # stochastic draws per batched forward in `circuit_faithfulness`
+_DRAW_CHUNK = 1024  # resample draws per (row, chunk of positions); see `_draw_indices`
+_SITE = re.compile(r"([0-9]+)\.([a-z]+)\.([a-z_]+):([0-9]+)(?::([0-9]+))?(?:@([0-9]+))?")
+
+
+class Site(NamedTuple):
+    """Subcomponent `index` of the matrix at `path`, at position `pos` (None: every position)."""
+
+    path: str
+    index: int
+    pos: int | None
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What to do to which subcomponents.
+
+    Attributes:
+        nodes: Sites as strings (`1.attn.q:31`, `1.attn.q:31@4`, `comp/{module}/{c}@{t}`) or `NodeId`s.
+        kind: zero, mean, resample or scale.
+        scale: The factor s of kind `scale`.
+        reference: (R, T_ref) token ids of the reference batch of kinds `mean` and `resample`.
+        seed: Seeds the resample draws.
+
+    Raises:
+        VpdError: An unknown kind, a missing or superfluous `scale`, or a missing or malformed `reference`.
+    """
+
+    nodes: tuple[str | NodeId, ...]
+    kind: Kind = "zero"
+    scale: float | None = None
+    reference: Tensor | None = field(default=None, repr=False)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", (self.nodes,) if isinstance(self.nodes, str | NodeId) else tuple(self.nodes))
+        if self.kind not in KINDS:
+            raise VpdError(f"`kind` must be one of {', '.join(KINDS)}; got {self.kind!r}.")
+        if (self.kind == "scale") != (self.scale is not None):
+            raise VpdError(
+                f"`scale` is required with kind 'scale' and only then; got kind {self.kind!r}, scale {self.scale!r}."
+            )
+        if self.scale is not None and not math.isfinite(self.scale):
+            raise VpdError(f"`scale` must be a finite number; got {self.scale!r}.")
+        needs_ref = self.kind in ("mean", "resample")
+        ref = self.reference
+        if needs_ref and (not isinstance(ref, Tensor) or ref.ndim != 2 or ref.dtype != torch.long or ref.numel() == 0):
+            got = tuple(ref.shape) if isinstance(ref, Tensor) else type(ref).__name__
+            raise VpdError(
+                f"`reference` must be a non-empty (R, T) LongTensor of token ids for kind {self.kind!r}; got {got}."
+            )
+        if not needs_ref and ref is not None:
+            raise VpdError(f"`reference` is used by kinds mean and resample only; got it with kind {self.kind!r}.")
+
+
+def _matrices(d: Decomposition) -> dict[str, str]:
+    """Short matrix name (`1.attn.q`) → module path."""
+    return {".".join(map(str, module_short_name(p))): p for p in d.module_paths}
+
+
+def resolve_sites(
+    d: Decomposition, nodes: Iterable[str | NodeId], *, seq_len: int | None = None, name: str = "nodes"
+) -> list[Site]:
+    """Parse and check sites against the decomposition (and the prompt length, when given).
+
+    Args:
+        d: The decomposition.
+        nodes: Site strings or `NodeId`s; emb, logit and delta nodes are skipped.
+        seq_len: Positions must be below this; None checks against the model's context only.
+        name: The argument name used in error messages (e.g. `--nodes`).
+
+    Returns:
+        One `Site` per subcomponent node, in input order.
+
+    Raises:
+        VpdError: A malformed node, an unknown matrix, an index ≥ C or a position out of range.
+    """
+    nodes = [nodes] if isinstance(nodes, str | NodeId) else nodes
+    matrices = _matrices(d)
+    limit = seq_len if seq_len is not None else getattr(d.model.target.config, "max_position_embeddings", None)
+    sites = []
+    for node in nodes:
+        text = str(node)
+        if isinstance(node, str) and node.startswith(("comp/", "emb@", "logit/", "delta/")):
+            node = NodeId.parse(node)
+        if isinstance(node, NodeId):
+            if node.kind != "comp":
+                continue
+            if node.module not in d.Cs:
+                raise VpdError(
+                    f"`{name}` entry {text!r} names module {node.module!r}, which is not decomposed; "
+                    f"use one of {', '.join(list(matrices.values())[:5])} (all of `d.module_paths`)."
+                )
+            path, index, pos = node.module, node.index, node.pos
+            short = next(k for k, v in matrices.items() if v == path)
+        else:
+            match = _SITE.fullmatch(node) if isinstance(node, str) else None
+            if match is None:
+                raise VpdError(
+                    f"`{name}` entry {text!r} is not a subcomponent; write it as block.part.matrix:c or "
+                    "block.part.matrix:c@t, e.g. 1.attn.q:31 or 2.mlp.down:17@3."
+                )
+            block, part, matrix, first, second, at = match.groups()
+            if second is not None and at is not None:
+                raise VpdError(f"`{name}` entry {text!r} gives the position twice; write 1.attn.q:31@4.")
+            short = f"{block}.{part}.{matrix}"
+            if short not in matrices:
+                raise VpdError(
+                    f"`{name}` entry {text!r} names matrix {short}, which is not decomposed; use one of "
+                    f"{', '.join(list(matrices)[:8])}{', …' if len(matrices) > 8 else ''}."
+                )
+            path = matrices[short]
+            if second is not None:  # the graph label form block.part.matrix:t:c
+                index, pos = int(second), int(first)
+            else:
+                index, pos = int(first), None if at is None else int(at)
+        C = d.Cs[path]
+        if index >= C:
+            raise VpdError(f"`{name}` entry {text!r} has index {index}, but {short} has C={C}; use 0..{C - 1}.")
+        if pos is not None and limit is not None and pos >= limit:
+            where = "the prompt has" if seq_len is not None else "the model's context is"
+            raise VpdError(
+                f"`{name}` entry {text!r} has position {pos}, but {where} {limit} tokens; use 0..{limit - 1}."
+            )
+        sites.append(Site(path, index, pos))
+    return sites
+
+
+def _check_ids(d: Decomposition, ids: Tensor) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype != torch.long or ids.numel() == 0:
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise VpdError(f"`ids` must be a non-empty (B, T) LongTensor of token ids; got {got}.")
+    vocab = d.model.target.config.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise VpdError(f"`ids` must be token ids in [0, {vocab}); got values in [{int(ids.min())}, {int(ids.max())}].")
+    return ids.to(d.model_device)
+
+
+def _check_overlap(sites: Sequence[Site]) -> None:
+    seen: dict[tuple[str, int], set[int | None]] = {}
+    for site in sites:
+        taken = seen.setdefault((site.path, site.index), set())
+        if site.pos in taken or (taken and (site.pos is None or None in taken)):
+            raise VpdError(
+                f"Subcomponent {site.index} of {site.path} is listed twice at overlapping positions; "
+                "list each (subcomponent, position) once."
+            )
+        taken.add(site.pos)
+
+
+def _logits(out: Any) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+# ---------------------------------------------------------------- hooks -----------------------------------
+
+
+class _Bound(NamedTuple):
+    """An `Intervention` resolved on one decomposition.
+
+    `ref_acts` maps a path to its reference activations: (R·T_ref, C) for resample, their mean (1, C) for mean.
+    """
+
+    kind: Kind
+    sites: list[Site]
+    scale: float | None
+    ref_acts: dict[str, Tensor]
+    seed: int
+
+
+def _bind(d: Decomposition, interventions: Intervention | Sequence[Intervention], seq_len: int | None) -> list[_Bound]:
+    items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    bound = []
+    for iv in items:
+        if not isinstance(iv, Intervention):
+            raise VpdError(f"`interventions` must hold `Intervention`s; got {type(iv).__name__}.")
+        sites = resolve_sites(d, iv.nodes, seq_len=seq_len)
+        ref_acts = {}
+        if iv.reference is not None:
+            ref = _check_ids(d, iv.reference)
+            with torch.no_grad():  # the clean target: reference values never see another intervention
+                _, xs = d.model.forward_with_inputs(ref)
+                for path in {s.path for s in sites}:
+                    acts = d.model.components(path).component_acts(xs[path])
+                    acts = acts.reshape(-1, acts.shape[-1])  # (R·T_ref, C), one row per reference token
+                    ref_acts[path] = acts.mean(0, keepdim=True) if iv.kind == "mean" else acts
+        bound.append(_Bound(iv.kind, sites, iv.scale, ref_acts, iv.seed))
+    _check_overlap([s for b in bound for s in b.sites])
+    return bound
+
+
+def _draw_indices(seed: int, rows: int, positions: Tensor, n_ref: int) -> Tensor:
+    """(rows, T) reference-token indices; entry (b, t) depends only on (seed, b, positions[t]).
+
+    Each (row, block of `_DRAW_CHUNK` positions) has its own generator, so a forward over positions 0..T−1
+    and a KV-cached step at position T−1 read the same draw.
+    """
+    positions = positions.cpu()
+    block = positions // _DRAW_CHUNK
+    out = torch.empty(rows, len(positions), dtype=torch.long)
+    for b in range(rows):
+        for j in block.unique().tolist():
+            gen = torch.Generator().manual_seed((seed * 1_000_003**2 + b * 1_000_003 + j) % 2**63)
+            table = torch.randint(n_ref, (_DRAW_CHUNK,), generator=gen)
+            out[b, block == j] = table[positions[block == j] % _DRAW_CHUNK]
+    return out
+
+
+class _Positions:
+    """Absolute positions of the current forward, set by a pre-hook on the target (KV caches shift them)."""
+
+    def __init__(self) -> None:
+        self.offset: int | None = None
+
+    def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        self.offset = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+
+    def post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        self.offset = None
+
+    def of(self, T: int, device: torch.device) -> Tensor:
+        # A call that bypasses the target's own forward (e.g. its inner model) starts at 0.
+        return torch.arange(T, device=device) + (self.offset or 0)
+
+
+def _make_hook(d: Decomposition, b: _Bound, path: str, state: _Positions) -> Any:
+    comp = d.model.components(path)
+    sites = [s for s in b.sites if s.path == path]
+    cols = torch.tensor([s.index for s in sites], device=comp.V.device)
+    at = torch.tensor([-1 if s.pos is None else s.pos for s in sites], device=comp.V.device)
+
+    def hook(module: Any, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))
+        T = x.shape[-2]
+        positions = state.of(T, x.device)
+        a = x.to(comp.V.dtype) @ comp.V[:, cols]  # (..., T, k)
+        if b.kind == "zero":
+            new = torch.zeros_like(a)
+        elif b.kind == "scale":
+            new = b.scale * a
+        elif b.kind == "mean":
+            new = b.ref_acts[path][0, cols].expand_as(a)
+        else:
+            rows = x.reshape(-1, T, x.shape[-1]).shape[0]
+            idx = _draw_indices(b.seed, rows, positions, b.ref_acts[path].shape[0]).to(x.device)
+            new = b.ref_acts[path][:, cols][idx].reshape(a.shape)  # (rows, T, k) from one token per (b, t)
+        applies = (at < 0) | (positions[:, None] == at[None, :])  # (T, k)
+        return output + (((new - a) * applies) @ comp.U[cols]).to(output.dtype)
+
+    return hook
+
+
+@contextmanager
+def intervene(
+    d: Decomposition, interventions: Intervention | Sequence[Intervention], *, seq_len: int | None = None
+) -> Iterator[None]:
+    """Run ordinary calls of `d.model.target` (`model(ids)`, `model.generate`) under the interventions.
+
+    Forward hooks on the decomposed modules add Σ_c (a'_c − a_c)·u_c to their outputs; they are removed on
+    exit, also when the body raises. Reference activations are computed once, on entry, from the clean target.
+
+    Args:
+        d: The decomposition whose target is hooked.
+        interventions: One or several; two may not name the same subcomponent at overlapping positions.
+        seq_len: If given, positions of sites must be below it.
+
+    Raises:
+        VpdError: Bad sites, overlapping interventions or a bad reference batch.
+    """
+    bound = _bind(d, interventions, seq_len)
+    target, state, handles = d.model.target, _Positions(), []
+    try:
+        handles.append(target.register_forward_pre_hook(state.pre, with_kwargs=True))
+        handles.append(target.register_forward_hook(state.post, with_kwargs=True))
+        for b in bound:
+            for path in dict.fromkeys(s.path for s in b.sites):
+                module = target.get_submodule(path)
+                handles.append(module.register_forward_hook(_make_hook(d, b, path, state), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def generate_ids(
+    d: Decomposition,
+    ids: Tensor,
+    interventions: Intervention | Sequence[Intervention] = (),
+    *,
+    max_new_tokens: int,
+    **generate_kwargs: Any,
+) -> Tensor:
+    """Greedy `generate` of the target under `interventions`; returns (B, T + new) token ids.
+
+    Raises:
+        VpdError: Bad `ids`, `max_new_tokens` < 1, or bad interventions.
+    """
+    ids = _check_ids(d, ids)
+    if max_new_tokens < 1:
+        raise VpdError(f"`max_new_tokens` must be at least 1; got {max_new_tokens}.")
+    with torch.no_grad(), intervene(d, interventions):
+        return d.model.target.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs
+        )
+
+
+def generate(
+    d: Decomposition,
+    tokenizer: Any,
+    prompt: str,
+    interventions: Intervention | Sequence[Intervention] = (),
+    max_new_tokens: int = 20,
+) -> str:
+    """The greedy continuation of `prompt` (tokenized without special tokens) under `interventions`.
+
+    Raises:
+        VpdError: An empty prompt, `max_new_tokens` < 1, or bad interventions.
+    """
+    if not prompt.strip():
+        raise VpdError("`prompt` is empty. Pass the text to continue, e.g. 'The princess lost'.")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = generate_ids(d, ids, interventions, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist())
+
+
+# ---------------------------------------------------------------- ablate / keep_only -----------------------
+
+
+@dataclass(frozen=True)
+class InterventionResult:
+    """Logits of one intervened forward next to the target's.
+
+    Attributes:
+        logits: (B, T, vocab) under the intervention.
+        target_logits: (B, T, vocab) of the unmodified target.
+        kl: (B, T) KL(target ‖ intervened) per position, in nats.
+        target_pos: (B,) read-out position t*, or None when no target was asked for.
+        target_token: (B,) label y*, or None.
+        p_target: (B,) P(y*) at t* under the target, or None.
+        p_intervened: (B,) P(y*) at t* under the intervention, or None.
+    """
+
+    logits: Tensor
+    target_logits: Tensor
+    kl: Tensor
+    target_pos: Tensor | None = None
+    target_token: Tensor | None = None
+    p_target: Tensor | None = None
+    p_intervened: Tensor | None = None
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    # At least fp32: bf16 log-probabilities are too coarse for small probabilities and KLs.
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
+def kl_divergence(target_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(softmax(target_logits) ‖ softmax(logits)) over the last dimension, in nats."""
+    lp, lq = _log_probs(target_logits), _log_probs(logits)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _per_row(name: str, value: int | Sequence[int] | Tensor, B: int) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.long).flatten().cpu()
+    if t.numel() == 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise VpdError(f"`{name}` must be one int or one per row ({B}); got {t.numel()} values.")
+    return t.clone()
+
+
+def _readout(
+    target_logits: Tensor, target_pos: int | Sequence[int] | None, target_token: int | Sequence[int] | None
+) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """(t*, y*) per row; a missing t* is the last position, a missing y* the target's top token at t*."""
+    if target_pos is None and target_token is None:
+        return None, None
+    B, T, vocab = target_logits.shape
+    pos = _per_row("target_pos", T - 1 if target_pos is None else target_pos, B)
+    if ((pos < -T) | (pos >= T)).any():
+        raise VpdError(f"`target_pos` must be in [{-T}, {T}) for {T}-token prompts; got {pos.tolist()}.")
+    pos = pos % T
+    if target_token is None:
+        dev = target_logits.device
+        tok = target_logits[torch.arange(B, device=dev), pos.to(dev)].argmax(-1).cpu()
+    else:
+        tok = _per_row("target_token", target_token, B)
+        if ((tok < 0) | (tok >= vocab)).any():
+            raise VpdError(f"`target_token` must be in [0, {vocab}), the vocabulary; got {tok.tolist()}.")
+    return pos, tok
+
+
+def _result(target_logits: Tensor, logits: Tensor, target_pos: Any, target_token: Any) -> InterventionResult:
+    pos, tok = _readout(target_logits, target_pos, target_token)
+    kl = kl_divergence(target_logits, logits)
+    if pos is None:
+        return InterventionResult(logits, target_logits, kl)
+    dev = logits.device
+    rows = torch.arange(len(pos), device=dev)
+    p_t = _log_probs(target_logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
+    p_i = _log_probs(logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
+    return InterventionResult(logits, target_logits, kl, pos, tok, p_t, p_i)
+
+
+def _site_masks(d: Decomposition, sites: Sequence[Site], B: int, T: int, fill: float, value: float) -> dict:
+    """Path → (B, T, C) masks equal to `fill` except `value` at the sites."""
+    dtype, device = d.model.components(d.module_paths[0]).V.dtype, d.model_device
+    masks = {p: torch.full((B, T, C), fill, dtype=dtype, device=device) for p, C in d.Cs.items()}
+    for s in sites:
+        masks[s.path][:, slice(None) if s.pos is None else s.pos, s.index] = value
+    return masks
+
+
+def ablate(
+    d: Decomposition,
+    ids: Tensor,
+    nodes: Iterable[str | NodeId],
+    kind: Kind = "zero",
+    *,
+    scale: float | None = None,
+    reference: Tensor | None = None,
+    seed: int = 0,
+    drop_delta: Iterable[str] = (),
+    target_pos: int | Sequence[int] | None = None,
+    target_token: int | Sequence[int] | None = None,
+) -> InterventionResult:
+    """Ablate the listed subcomponents; every other mask is 1 and the delta is on (§3).
+
+    zero and scale run the masked forward (mask 0 or s at the sites); mean and resample run the target
+    under `intervene` (see the module docstring).
+
+    Args:
+        d: The decomposition.
+        ids: (B, T) token ids.
+        nodes: Sites; a site without a position acts at every position.
+        kind: zero, mean, resample or scale.
+        scale: s for kind scale.
+        reference: (R, T_ref) token ids for kinds mean and resample.
+        seed: Seeds the resample draws.
+        drop_delta: Matrices (`1.attn.q` or module paths) whose delta is left out; zero and scale only.
+        target_pos: t*, one or one per row; the last position when only `target_token` is given.
+        target_token: y*, one or one per row; the target's top token at t* when only `target_pos` is given.
+
+    Returns:
+        Logits, the target's logits, KL per position and, with a target, P(y*) before and after.
+
+    Raises:
+        VpdError: Bad ids, sites, kind, scale, reference, matrices in `drop_delta`, or read-out.
+    """
+    ids = _check_ids(d, ids)
+    B, T = ids.shape
+    iv = Intervention(nodes, kind, scale, reference, seed)
+    sites = resolve_sites(d, iv.nodes, seq_len=T)
+    _check_overlap(sites)
+    dropped = set()
+    for m in [drop_delta] if isinstance(drop_delta, str) else drop_delta:
+        path = m if m in d.Cs else _matrices(d).get(m)
+        if path is None:
+            raise VpdError(
+                f"`drop_delta` entry {m!r} is not a decomposed matrix; use e.g. {', '.join(list(_matrices(d))[:3])}."
+            )
+        dropped.add(path)
+    if dropped and kind in ("mean", "resample"):
+        raise VpdError(f"`drop_delta` works with kinds zero and scale (the masked forward), not {kind!r}.")
+    with torch.no_grad():
+        target_logits = _logits(d.model.target(ids))
+        if kind in ("zero", "scale"):
+            masks = _site_masks(d, sites, B, T, 1.0, 0.0 if kind == "zero" else float(scale))
+            deltas = {p: torch.ones_like(m[..., 0]) for p, m in masks.items() if p not in dropped}
+            logits = _logits(d.model(ids, masks=masks, delta_masks=deltas))
+        else:
+            with intervene(d, iv, seq_len=T):
+                logits = _logits(d.model.target(ids))
+    return _result(target_logits, logits, target_pos, target_token)
+
+
+def keep_only(
+    d: Decomposition,
+    ids: Tensor,
+    nodes: Iterable[str | NodeId],
+    *,
+    keep_delta: bool = False,
+    target_pos: int | Sequence[int] | None = None,
+    target_token: int | Sequence[int] | None = None,
+) -> InterventionResult:
+    """Run only the listed subcomponents: their masks are 1, every other mask 0, the delta off (§3).
+
+    Args:
+        d: The decomposition.
+        ids: (B, T) token ids.
+        nodes: Sites; a site without a position is kept at every position.
+        keep_delta: Keep every matrix's delta (mask 1), as a check that all sites listed equals the target.
+        target_pos: t*, as in `ablate`.
+        target_token: y*, as in `ablate`.
+
+    Raises:
+        VpdError: Bad ids, sites or read-out.
+    """
+    ids = _check_ids(d, ids)
+    B, T = ids.shape
+    sites = resolve_sites(d, nodes, seq_len=T)
+    with torch.no_grad():
+        target_logits = _logits(d.model.target(ids))
+        masks = _site_masks(d, sites, B, T, 0.0, 1.0)
+        deltas = {p: torch.ones_like(m[..., 0]) for p, m in masks.items()} if keep_delta else None
+        logits = _logits(d.model(ids, masks=masks, delta_masks=deltas))
+    return _result(target_logits, logits, target_pos, target_token)
+
+
+# ---------------------------------------------------------------- circuit faithfulness --------------------
+
+
+class PerMode(NamedTuple):
+    """One (B,) tensor per mask mode of attribution-graphs.md §5."""
+
+    ci: Tensor
+    stochastic: Tensor
+    adversarial: Tensor
+
+
+@dataclass(frozen=True)
+class CircuitFaithfulness:
+    """How well a circuit alone carries P(y*) at t*, per mask mode, per prompt row.
+
+    Attributes:
+        target: (B,) P(y*) under the target.
+        p: P(y*) with everything outside the circuit masked (see `circuit_faithfulness`).
+        kl: KL(target ‖ masked) at t*: under the CI masks; the mean over the stochastic draws; at the
+            adversary's last iterate of its strongest restart.
+        graph: P(y*) with every alive entry kept (the whole graph), under the same random draws.
+        faithfulness: p / graph per mode; 1 when the circuit is the whole graph.
+        n_circuit: (B,) circuit entries (l, t, c) with t ≤ t* that are alive (CI > 0).
+        n_alive: (B,) alive entries with t ≤ t*.
+        n_samples: Stochastic draws.
+        pgd_steps: Sign steps per restart.
+        restarts: PGD restarts.
+    """
+
+    target: Tensor
+    p: PerMode
+    kl: PerMode
+    graph: PerMode
+    faithfulness: PerMode
+    n_circuit: Tensor
+    n_alive: Tensor
+    n_samples: int
+    pgd_steps: int
+    restarts: int
+
+    def as_dict(self) -> dict:
+        """Plain lists and numbers, for JSON."""
+        out: dict = {"target": self.target.tolist()}
+        for name in ("p", "kl", "graph", "faithfulness"):
+            out[name] = {mode: t.tolist() for mode, t in getattr(self, name)._asdict().items()}
+        out.update(
+            n_circuit=self.n_circuit.tolist(),
+            n_alive=self.n_alive.tolist(),
+            n_samples=self.n_samples,
+            pgd_steps=self.pgd_steps,
+            restarts=self.restarts,
+        )
+        return out
+
+
+def _row_ci(d: Decomposition, tokens: Tensor, ci: dict[str, Tensor] | None, b: int, B: int) -> dict[str, Tensor]:
+    """Path → (L, C) CI of row b on its first L = t* + 1 tokens: given, or from the CI network."""
+    L = tokens.shape[1]
+    if ci is None:
+        with torch.no_grad():
+            _, xs = d.model.forward_with_inputs(tokens)
+            return {p: g[0].detach() for p, g in d.causal_importance(xs)[0].items()}
+    out = {}
+    for p, C in d.Cs.items():
+        g = ci.get(p)
+        if g is not None and g.ndim == 3 and g.shape[0] == B:
+            g = g[b]
+        elif g is not None and not (g.ndim == 2 and B == 1):
+            g = None
+        if g is None or g.shape[0] < L or g.shape[1] != C:
+            raise VpdError(
+                f"`ci` must map every decomposed path to a (B, T, C) tensor, or (T, C) for one prompt, "
+                f"covering t*; {p!r} (C={C}) has {None if p not in ci else tuple(ci[p].shape)}."
+            )
+        out[p] = g[:L].detach().to(device=d.model_device, dtype=d.model.components(p).V.dtype)
+    return out
+
+
+def _uniform(g: dict[str, Tensor], gen: torch.Generator, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """U(0, 1) sources (n, L, C) and delta masks (n, L), drawn on the CPU generator so any device agrees."""
+    r = {p: torch.rand(n, *t.shape, generator=gen, dtype=t.dtype).to(t.device) for p, t in g.items()}
+    delta = {p: torch.rand(n, t.shape[0], generator=gen, dtype=t.dtype).to(t.device) for p, t in g.items()}
+    return r, delta
+
+
+def _row_faithfulness(
+    d: Decomposition,
+    tokens: Tensor,
+    g: dict[str, Tensor],
+    inside: dict[str, Tensor],
+    ref: Tensor,
+    y: int,
+    gen: torch.Generator,
+    n_samples: int,
+    pgd_steps: int,
+    pgd_step_size: float,
+    restarts: int,
+) -> dict[str, float]:
+    """The numbers of `circuit_faithfulness` for one (1, t* + 1) prompt; `ref` is the target's log-probs at t*."""
+    from attrgraph.optimize import pgd_sources
+
+    t_star = tokens.shape[1] - 1
+    g_c = {p: g[p] * inside[p] for p in g}
+    outside_alive = {p: (g[p] > 0) & ~inside[p] for p in g}
+
+    def log_probs(masks: dict[str, Tensor], deltas: dict[str, Tensor] | None) -> Tensor:
+        n = next(iter(masks.values())).shape[0]
+        with torch.no_grad():
+            return _log_probs(_logits(d.model(tokens.expand(n, -1), masks=masks, delta_masks=deltas))[:, t_star])
+
+    def mixed(gg: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {p: gg[p] + (1.0 - gg[p]) * s[p] for p in gg}
+
+    def kl(lq: Tensor) -> Tensor:
+        return (ref.exp() * (ref - lq)).sum(-1)
+
+    out = {"target": float(ref[y].exp())}
+    lq = log_probs({p: v[None] for p, v in g_c.items()}, None)[0]
+    out.update(p_ci=float(lq[y].exp()), kl_ci=float(kl(lq)))
+    out["graph_ci"] = float(log_probs({p: v[None] for p, v in g.items()}, None)[0, y].exp())
+    p_s, kl_s, p_graph = [], [], []
+    for start in range(0, n_samples, _STOCH_CHUNK):
+        r, delta = _uniform(g, gen, min(_STOCH_CHUNK, n_samples - start))
+        lq = log_probs(mixed(g_c, r), delta)
+        p_s.append(lq[:, y].exp())
+        kl_s.append(kl(lq))
+        p_graph.append(log_probs(mixed(g, r), delta)[:, y].exp())
+    out.update(p_stochastic=float(torch.cat(p_s).mean()), kl_stochastic=float(torch.cat(kl_s).mean()))
+    out["graph_stochastic"] = float(torch.cat(p_graph).mean())
+    worst, out["kl_adversarial"], out["graph_adversarial"] = -math.inf, math.nan, math.inf
+    for _ in range(restarts):
+        r, delta = _uniform(g, gen, 1)
+        s, ce = pgd_sources(
+            d,
+            tokens,
+            g_c,
+            outside_alive,
+            r,
+            delta,
+            target_pos=t_star,
+            target_token=y,
+            n_steps=pgd_steps,
+            step_size=pgd_step_size,
+        )
+        if ce > worst:
+            worst, out["kl_adversarial"] = ce, float(kl(log_probs(mixed(g_c, s), delta)[0]))
+        out["graph_adversarial"] = min(out["graph_adversarial"], float(log_probs(mixed(g, r), delta)[0, y].exp()))
+    out["p_adversarial"] = math.exp(-worst)
+    out["n_circuit"] = sum(int((inside[p] & (g[p] > 0)).sum()) for p in g)
+    out["n_alive"] = sum(int((g[p] > 0).sum()) for p in g)
+    return out
+
+
+def circuit_faithfulness(
+    d: Decomposition,
+    ids: Tensor,
+    circuit_nodes: Iterable[str | NodeId],
+    target_pos: int | Sequence[int],
+    target_token: int | Sequence[int] | None = None,
+    *,
+    ci: dict[str, Tensor] | None = None,
+    n_samples: int = 64,
+    pgd_steps: int = 4,
+    pgd_step_size: float = 1.0,
+    restarts: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> CircuitFaithfulness:
+    """P(y*) and KL when only a circuit is kept, under CI, stochastic and adversarial masks (§5).
+
+    With g the CI (given, or the CI network's on the prompt up to t*) and g_c = g inside the circuit and 0
+    outside, the masks are those of `attrgraph.optimize.faithfulness` on g_c:
+
+    - CI: m = g_c, Δ off.
+    - stochastic: m = g_c + (1 − g_c)·r, r ~ U(0, 1) everywhere, Δ ~ U(0, 1); the mean over `n_samples`.
+    - adversarial: `attrgraph.optimize.pgd_sources` moves only the sources of entries *outside* the circuit
+      that are alive (g > 0), so it may set any of them anywhere in [0, 1]; circuit entries, dead entries and
+      Δ keep one uniform draw per restart. P is the lowest seen at any iterate of any restart.
+
+    The whole graph (g_c = g) under the same draws is the reference of `faithfulness`; for the CI mode it is
+    exactly the `ci` number of the graph's own report.
+
+    Args:
+        d: The decomposition.
+        ids: (B, T) token ids; each row is cut after its t*.
+        circuit_nodes: Sites (a site without a position covers every position); emb, logit and delta nodes of a
+            graph are skipped, so a graph's node list can be passed as is.
+        target_pos: t*, one or one per row.
+        target_token: y*, one or one per row; by default the target's top token at t*.
+        ci: Path → (B, T, C) (or (T, C) for one prompt) CI, e.g. `PromptCI.g`; by default the CI network's.
+        n_samples: Stochastic draws, ≥ 1.
+        pgd_steps: Sign-ascent steps per restart, ≥ 0.
+        pgd_step_size: Size of each sign step.
+        restarts: PGD restarts, ≥ 1.
+        seed: Seeds every random draw.
+        progress: Show a tqdm bar over the prompt rows.
+
+    Raises:
+        VpdError: Bad ids, sites, read-out, CI or counts.
+    """
+    if n_samples < 1 or restarts < 1 or pgd_steps < 0:
+        raise VpdError(
+            f"Need `n_samples` ≥ 1, `restarts` ≥ 1, `pgd_steps` ≥ 0; got {n_samples}, {restarts}, {pgd_steps}."
+        )
+    ids = _check_ids(d, ids)
+    B, T = ids.shape
+    sites = resolve_sites(d, circuit_nodes, seq_len=T, name="circuit_nodes")
+    with torch.no_grad():
+        target_logits = _logits(d.model.target(ids))
+    pos, tok = _readout(target_logits, target_pos, target_token)
+    gen = torch.Generator().manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    rows = []
+    for b in tqdm(range(B), desc="circuit-faithfulness", disable=not progress):
+        t_star, y = int(pos[b]), int(tok[b])
+        tokens = ids[b : b + 1, : t_star + 1]
+        g = _row_ci(d, tokens, ci, b, B)
+        inside = {p: torch.zeros_like(v, dtype=torch.bool) for p, v in g.items()}
+        for s in sites:
+            if s.pos is None or s.pos <= t_star:
+                inside[s.path][slice(None) if s.pos is None else s.pos, s.index] = True
+        ref = _log_probs(target_logits[b, t_star])
+        rows.append(_row_faithfulness(d, tokens, g, inside, ref, y, gen, n_samples, pgd_steps, pgd_step_size, restarts))
+
+    def col(key: str) -> Tensor:
+        return torch.tensor([r[key] for r in rows], dtype=torch.float64)
+
+    modes = ("ci", "stochastic", "adversarial")
+    p = PerMode(*(col(f"p_{m}") for m in modes))
+    graph = PerMode(*(col(f"graph_{m}") for m in modes))
+    return CircuitFaithfulness(
+        target=col("target"),
+        p=p,
+        kl=PerMode(*(col(f"kl_{m}") for m in modes)),
+        graph=graph,
+        faithfulness=PerMode(*(a / b for a, b in zip(p, graph, strict=True))),
+        n_circuit=col("n_circuit").long(),
+        n_alive=col("n_alive").long(),
+        n_samples=n_samples,
+        pgd_steps=pgd_steps,
+        restarts=restarts,
+    )
