@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both create .venv on first use.
+# Two commands: `make demo` and `make test` (ruff, the test suite, then every notebook top to bottom). Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,6 +28,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbmake notebooks
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

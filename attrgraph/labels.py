@@ -30,6 +30,7 @@ HARVEST_META = "harvest.json"
 HARVEST_TENSORS = "harvest.safetensors"
 HARVEST_FORMAT = "harvest"
 HARVEST_FORMAT_VERSION = 1
+RUN_LABELS = "labels.json"  # optional component key → label file in a run folder
 
 # A component key: anything without '/', '@' or ':' (a short module name), then ':' and an index.
 _COMPONENT_KEY = re.compile(r"[^/@:\s]+:(0|[1-9][0-9]*)")
@@ -107,7 +108,7 @@ def summary_label(summary: Mapping[str, Any]) -> str:
 
 
 def labels_for_run(run_dir: str | Path) -> dict[str, str]:
-    """Component key → short label for every alive subcomponent of a run's harvest; {} without a harvest.
+    """Component key → short label from a run's harvest and its `labels.json`, which wins; {} without either.
 
     Args:
         run_dir: A run folder holding `harvest/harvest.json`, or a harvest folder itself.
@@ -115,11 +116,15 @@ def labels_for_run(run_dir: str | Path) -> dict[str, str]:
     Raises:
         ArtifactFormatError: The harvest has a format version this release cannot read.
     """
+    labels: dict[str, str] = {}
     path = harvest_meta_path(run_dir)
-    if path is None:
-        return {}
-    components = read_harvest_meta(path).get("components", {})
-    labels = {key: summary_label(summary) for key, summary in components.items()}
+    if path is not None:
+        components = read_harvest_meta(path).get("components", {})
+        labels = {key: summary_label(summary) for key, summary in components.items()}
+    shipped = Path(run_dir) / RUN_LABELS
+    if shipped.is_file():
+        # A compact key → label file kept beside a run whose full harvest is too large to ship.
+        labels.update(read_label_file(shipped))
     return {key: label for key, label in labels.items() if label}
 
 

@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.nodes import NodeId, module_short_name
+from attrgraph.labels import component_key
+from attrgraph.nodes import NodeId
 from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.io import atomic_write_json
 from decomposer.vpd.run import Decomposition
@@ -61,12 +62,6 @@ FORMAT = "component_clusters"
 FORMAT_VERSION = 1
 _ROW_CHUNK = 1024  # rows of score or co-firing work per vectorised block, to bound memory at large n
 _RESCAN = 8192  # pair scores per re-scan of stale rows in the lazy greedy search
-
-
-def component_key(path: str, c: int) -> str:
-    """`block.part.short:c`, e.g. `1.attn.q:31` for subcomponent 31 of `model.layers.1.self_attn.q_proj`."""
-    block, part, short = module_short_name(path)
-    return f"{block}.{part}.{short}:{c}"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from attrgraph.labels import component_key
 from attrgraph.nodes import module_short_name
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
@@ -41,12 +42,6 @@ logger = logging.getLogger(__name__)
 
 RESIDUAL_WRITERS = ("o", "down")
 _KEY = re.compile(r"(?P<module>[^:\s]+):(?P<c>[0-9]+)")
-
-
-def component_key(path: str, c: int) -> str:
-    """The paper's short key of subcomponent `c` of `path`, e.g. `2.mlp.down:17`."""
-    block, part, short = module_short_name(path)
-    return f"{block}.{part}.{short}:{c}"
 
 
 def resolve_component(d: Decomposition, key: str) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attrgraph.labels import component_key
 from attrgraph.nodes import module_short_name
 from attrgraph.qk import apply_rope, attention_layout, attention_pattern, rope_cos_sin, rope_of, split_heads
 from decomposer.errors import VpdError
@@ -54,12 +55,6 @@ __all__ = [
 ]
 
 _KEY = re.compile(r"([0-9]+)\.(attn|mlp)\.([a-z]+):([0-9]+)")
-
-
-def component_key(path: str, c: int) -> str:
-    """The paper's short name of subcomponent `c` of `path`, e.g. `1.attn.q:31`."""
-    block, part, short = module_short_name(path)
-    return f"{block}.{part}.{short}:{c}"
 
 
 def resolve_component_key(d: Decomposition, key: str) -> tuple[str, int]:

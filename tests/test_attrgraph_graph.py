@@ -60,7 +60,7 @@ def test_graph_renders_and_takes_user_labels(micro, tmp_path):
     block, part, short = module_short_name(node.module)
     G = build_graph(d, tok, "The princess lost", labels={f"{block}.{part}.{short}:{node.index}": "my label"})
     named = [n for n in G if n.startswith(f"comp/{node.module}/{node.index}@")]
-    assert first in named and all(G.nodes[n]["label"] == "my label" for n in named)
+    assert first in named and all(G.nodes[n]["label"].endswith(" my label") for n in named)
     html = render_html(G, tmp_path / "g.html").read_text()
     assert all(n in html for n in G)
 

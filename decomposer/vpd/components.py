@@ -117,24 +117,30 @@ class LinearComponents(nn.Module):
             mask: Subcomponent mask (..., C), broadcastable against the activations; None means all ones.
             delta_mask: Delta mask (...); None leaves the delta out.
             routing: Bool (...); where False the output is the target's, x Wᵀ + bias.
-            target_out: The target module's own output for `x`, used at unrouted positions instead of
-                recomputing it, so that they match the target bit for bit (HF Conv1D adds its bias inside
-                `addmm`, which rounds differently from `F.linear`).
+            target_out: The target module's own output for `x` (x Wᵀ + bias), reused for the delta term and at
+                unrouted positions instead of recomputing it, so that those match the target bit for bit (HF
+                Conv1D adds its bias inside `addmm`, which rounds differently from `F.linear`).
 
         Returns:
             The module output (..., d_out).
         """
         a = self.component_acts(x)
-        if mask is not None:
-            a = a * mask
-        out = a @ self.U
-        if delta_mask is not None:
-            out = out + delta_mask[..., None] * F.linear(x, self.delta())
-        if self.bias is not None:
-            out = out + self.bias
+        if mask is None:
+            mask = torch.ones((), dtype=a.dtype, device=a.device)
+        if (delta_mask is not None or routing is not None) and target_out is None:
+            target_out = F.linear(x, self.weight, self.bias)
+        if delta_mask is None:
+            out = (a * mask) @ self.U
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            # a·m·U + δ·xΔᵀ with Δ = W − (VU)ᵀ equals a·(m − δ)·U + δ·xWᵀ: the target's own output stands in
+            # for the Δ matmul, Δ is never formed, and all-ones masks give the target's output exactly.
+            delta = delta_mask[..., None]
+            out = (a * (mask - delta)) @ self.U + delta * target_out
+            if self.bias is not None:
+                out = out + (1 - delta) * self.bias
         if routing is not None:
-            if target_out is None:
-                target_out = F.linear(x, self.weight, self.bias)
             out = torch.where(routing[..., None], out, target_out)
         return out
 

@@ -13,9 +13,9 @@ from decomposer.vpd.run import EVAL_FILE, load_decomposition, read_metadata
 def resolve_run(run: str | Path) -> Path:
     """`bundled` → the decomposition shipped with the package; otherwise the folder itself."""
     if str(run) == "bundled":
-        from importlib.resources import files
+        from decomposer.vpd.bundle import bundled_run_path
 
-        path = Path(str(files("decomposer") / "assets" / "decomposition"))
+        path = bundled_run_path()
         if not path.exists():
             raise VpdError("This installation ships no bundled decomposition yet. Pass `--run` with a run folder.")
         return path

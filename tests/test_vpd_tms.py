@@ -1,0 +1,193 @@
+"""VPD recovers the features of a toy model of superposition (5 sparse features through 2 hidden dimensions).
+
+Ground truth. For `TMS`, y = ReLU(W_out(W_in x)), each feature i owns one rank-one piece of each matrix:
+
+    W_in  = Σ_i W_in[:, i] e_iᵀ     feature i's piece reads e_i (input i) and writes W_in[:, i] (its embedding)
+    W_out = Σ_i e_i W_out[i, :]     feature i's piece reads W_out[i, :] (its readout) and writes e_i (output i)
+
+and on an input where only feature i is active, only feature i's pieces matter. A subcomponent c has read
+direction v_c = V[:, c], write direction u_c = U[c] and matrix u_c v_cᵀ (nn.Linear layout). The test
+matches each feature's piece to the subcomponent whose matrix is nearest to it, then checks both directions,
+distinctness, and the CI on one-hot inputs.
+"""
+
+import pytest
+import torch
+
+from decomposer.errors import VpdError
+from decomposer.vpd.config import DecomposeConfig
+from decomposer.vpd.toys import TMS, sparse_feature_batches, train_tms
+from decomposer.vpd.train import decompose
+
+N_FEATURES, N_HIDDEN, C = 5, 2, 20
+P_ACTIVE = 0.05
+PATHS = ("W_in", "W_out")
+ONE_HOT_VALUE = 1.0  # the top of the data's U(0, 1) range, where every feature clearly matters
+
+# The SPD paper's TMS 5-2 recipe (C 20 per matrix, per-component MLP CI of width 16, MSE output loss, importance
+# 3e-3, no adversary, faithfulness warm-up of 200 steps at lr 0.01), shortened to run in seconds: batch 512
+# instead of 4096, lr 1e-2 instead of 1e-3, and VPD's frequency term (β 0.5) and p anneal, which stop two
+# adjacent features from sharing one subcomponent in so few steps.
+CONFIG = {
+    "target": "tms-5-2",
+    "modules": [{"pattern": "W_in", "C": C}, {"pattern": "W_out", "C": C}],
+    "ci": {"kind": "mlp", "hidden": 16},
+    "loss": {
+        "output_loss": "mse",
+        "faithfulness": 1.0,
+        "stochastic": 1.0,
+        "adversarial": 0.0,
+        "importance": 3e-3,
+        "frequency_beta": 0.5,
+        "p_start": 2.0,
+        "p_end": 0.5,
+        "p_anneal_end_frac": 0.5,
+        "routing": "uniform_k",
+    },
+    "adversary": {"kind": "none"},
+    "optim": {
+        "steps": 1500,
+        "batch_size": 512,
+        "lr": 1e-2,
+        "lr_final_frac": 0.0,
+        "clip_uv": None,
+        "faithfulness_warmup_steps": 200,
+        "faithfulness_warmup_lr": 1e-2,
+        "seed": 0,
+    },
+    "eval": {"every": 10_000},
+    "checkpoint_every": 10_000,
+}
+
+
+def feature_piece(weight: torch.Tensor, path: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(read, write) directions of feature i's rank-one piece of `weight` (nn.Linear layout)."""
+    e_i = torch.eye(N_FEATURES)[i]
+    return (e_i, weight[:, i]) if path == "W_in" else (weight[i], e_i)
+
+
+def abs_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ b).abs() / (a.norm() * b.norm()))
+
+
+@pytest.fixture(scope="module")
+def decomposed(tmp_path_factory):
+    """The trained TMS, its decomposition, and CI per path on the one-hot inputs (row i: only feature i on)."""
+    torch.manual_seed(0)
+    tms = train_tms(N_FEATURES, N_HIDDEN, p_active=P_ACTIVE, tied=True, seed=0)
+    config = DecomposeConfig.model_validate(CONFIG)
+    batches = sparse_feature_batches(N_FEATURES, config.optim.batch_size, P_ACTIVE, seed=1)
+    d = decompose(config, tmp_path_factory.mktemp("tms"), target=tms, batches=batches)
+    with torch.no_grad():
+        _, xs = d.model.forward_with_inputs(ONE_HOT_VALUE * torch.eye(N_FEATURES))
+        g, _ = d.causal_importance(xs)
+    return tms, d, g
+
+
+def matches(d, path: str) -> list[int]:
+    """For each feature, the subcomponent whose matrix u_c v_cᵀ is nearest (Frobenius) to the feature's piece."""
+    comp = d.model.components(path)
+    with torch.no_grad():
+        mats = torch.einsum("co,ic->coi", comp.U, comp.V)  # (C, d_out, d_in)
+        out = []
+        for i in range(N_FEATURES):
+            read, write = feature_piece(comp.weight, path, i)
+            out.append(int((mats - torch.outer(write, read)).flatten(1).norm(dim=1).argmin()))
+    return out
+
+
+def test_tms_stores_five_features_in_two_dimensions(decomposed):
+    tms, _, _ = decomposed
+    x = sparse_feature_batches(N_FEATURES, 4096, P_ACTIVE, seed=7)(0)
+    assert float((tms(x) - x).pow(2).mean()) < 5e-3
+    norms = tms.W_in.weight.norm(dim=0)
+    assert bool((norms > 0.8).all()), norms  # every feature is embedded, none dropped
+    one_hot = tms(ONE_HOT_VALUE * torch.eye(N_FEATURES))
+    assert torch.allclose(one_hot.diagonal(), torch.full((N_FEATURES,), ONE_HOT_VALUE), atol=0.1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_feature_has_its_own_subcomponent(decomposed, path):
+    _, d, _ = decomposed
+    comp = d.model.components(path)
+    found = matches(d, path)
+    assert len(set(found)) == N_FEATURES, f"{path}: features share subcomponents {found}"
+    with torch.no_grad():
+        for i, c in enumerate(found):
+            read, write = feature_piece(comp.weight, path, i)
+            assert abs_cos(comp.V[:, c], read) > 0.9, (path, i, c)
+            assert abs_cos(comp.U[c], write) > 0.9, (path, i, c)
+            piece = torch.outer(write, read)
+            rel_err = float((torch.outer(comp.U[c], comp.V[:, c]) - piece).norm() / piece.norm())
+            assert rel_err < 0.5, (path, i, c, rel_err)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matched_ci_is_high_only_on_its_own_feature(decomposed, path):
+    _, d, g = decomposed
+    G = g[path]  # (feature active, C)
+    for i, c in enumerate(matches(d, path)):
+        assert float(G[i, c]) > 0.5, (path, i, c, G[:, c])
+        others = torch.cat([G[:i, c], G[i + 1 :, c]])
+        assert float(others.max()) < 0.1, (path, i, c, G[:, c])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_unmatched_subcomponents_are_negligible_or_never_important(decomposed, path):
+    _, d, g = decomposed
+    comp = d.model.components(path)
+    found = set(matches(d, path))
+    smallest_piece = min(float(torch.outer(*feature_piece(comp.weight, path, i)).norm()) for i in range(N_FEATURES))
+    with torch.no_grad():
+        for c in set(range(C)) - found:
+            norm = float(torch.outer(comp.U[c], comp.V[:, c]).norm())
+            assert norm < 0.1 * smallest_piece or float(g[path][:, c].max()) < 0.01, (path, c, norm, g[path][:, c])
+
+
+def test_ci_masked_model_reproduces_the_target(decomposed):
+    """With masks m = g and no delta, the matched subcomponents alone compute the target's output."""
+    tms, d, _ = decomposed
+    x = sparse_feature_batches(N_FEATURES, 4096, P_ACTIVE, seed=7)(0)
+    with torch.no_grad():
+        y, xs = d.model.forward_with_inputs(x)
+        g, _ = d.causal_importance(xs)
+        y_ci = d.model(x, masks=g)
+        y_zero = d.model(x, masks={p: torch.zeros_like(m) for p, m in g.items()})
+    assert torch.equal(y, tms(x))
+    mse_ci, mse_zero = float((y_ci - y).pow(2).mean()), float((y_zero - y).pow(2).mean())
+    assert mse_ci < 0.05 * mse_zero, (mse_ci, mse_zero)
+
+
+def test_sparse_feature_batches_are_deterministic_and_sparse():
+    batches = sparse_feature_batches(N_FEATURES, 20_000, 0.1, seed=3)
+    x = batches(4)
+    assert x.shape == (20_000, N_FEATURES)
+    assert torch.equal(x, batches(4)) and not torch.equal(x, batches(5))
+    assert not torch.equal(x, sparse_feature_batches(N_FEATURES, 20_000, 0.1, seed=4)(4))
+    active = x > 0
+    assert abs(float(active.float().mean()) - 0.1) < 0.005  # 100k Bernoulli(0.1) draws: σ ≈ 0.001
+    assert float(x.max()) < 1.0 and float(x[active].mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_tied_training_copies_w_in_transposed_into_w_out():
+    tms = train_tms(steps=5, tied=True, seed=2)
+    assert torch.equal(tms.W_out.weight, tms.W_in.weight.T)
+    assert tms.W_out.weight.data_ptr() != tms.W_in.weight.data_ptr()  # separate matrices, both decomposable
+    x = torch.rand(3, N_FEATURES)
+    assert torch.allclose(tms(x), torch.relu(x @ tms.W_in.weight.T @ tms.W_in.weight.T.T + tms.W_out.bias))
+    untied = train_tms(steps=5, tied=False, seed=2)
+    assert not torch.equal(untied.W_out.weight, untied.W_in.weight.T)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: TMS(0, 2), "`n_features` and `n_hidden` must be ≥ 1"),
+        (lambda: sparse_feature_batches(5, 8, 0.0, seed=0), "`p_active` must be in"),
+        (lambda: sparse_feature_batches(5, 0, 0.1, seed=0), "`n_features` and `batch` must be ≥ 1"),
+        (lambda: train_tms(steps=0), "`steps` must be ≥ 1"),
+    ],
+)
+def test_bad_arguments_raise_one_sentence(call, message):
+    with pytest.raises(VpdError, match=message):
+        call()
