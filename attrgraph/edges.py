@@ -49,39 +49,91 @@ class LeafRecord:
     """What one `direct_effect_leaves` forward recorded.
 
     Attributes:
-        acts: Path → a = xV (B, T, C), still attached to the graph: the target quantities.
-        comp_leaves: Path → the leaf fed downstream in place of a (B, T, C).
+        acts: Path → a = xV (B, T, C), still attached to the graph.
+        inputs: Path → the module input x (B, T, d_in), attached; a target a_c at position t is x[t] · v_c,
+            which backpropagates in O(d_in) instead of through the whole (B, T, C) product.
+        comp_index: Path → (t, c) index tensors of the alive entries, in the column order of `comp_leaves`.
+        comp_leaves: Path → the leaf (B, n_alive) standing in for a at the alive entries.
         delta_leaves: Path → the leaf fed downstream in place of x Δᵀ (B, T, d_out).
         emb: The leaf that replaced the input embedding's output (B, T, d_model).
     """
 
     acts: dict[str, Tensor] = field(default_factory=dict)
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    comp_index: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     comp_leaves: dict[str, Tensor] = field(default_factory=dict)
     delta_leaves: dict[str, Tensor] = field(default_factory=dict)
     emb: Tensor | None = None
+
+    def leaves(self) -> list[Tensor]:
+        """Every leaf: the embedding, then the comp leaves, then the delta leaves, each in module order."""
+        if self.emb is None:
+            raise VpdError("The embedding hook did not fire; run the target's forward inside the block first.")
+        return [self.emb, *self.comp_leaves.values(), *self.delta_leaves.values()]
 
 
 def _leaf(value: Tensor) -> Tensor:
     return value.detach().clone().requires_grad_(True)
 
 
+def _alive_index(path: str, alive: Mapping[str, Tensor] | None, T: int, C: int, device: torch.device) -> tuple:
+    if alive is None:
+        t_idx, c_idx = torch.meshgrid(torch.arange(T, device=device), torch.arange(C, device=device), indexing="ij")
+        return t_idx.reshape(-1), c_idx.reshape(-1)
+    if path not in alive or tuple(alive[path].shape) != (T, C):
+        got = tuple(alive[path].shape) if path in alive else "nothing"
+        raise VpdError(f"`alive[{path!r}]` must be a (T, C) = ({T}, {C}) mask for this forward; got {got}.")
+    return alive[path].to(device).nonzero(as_tuple=True)
+
+
+def _alive_writes(leaf: Tensor, t_idx: Tensor, c_idx: Tensor, U: Tensor, T: int) -> Tensor:
+    """Σ_j leaf_j · u_{c_j} placed at position t_j, as (B, T, d_out).
+
+    The entries are packed per position into m = max_t n_t slots (zero padding), so the sum is one batched
+    matmul over positions, (T, B, m) @ (T, m, d_out), and so is its backward, costing O(B · T · m · d_out)
+    ≈ O(B · n_alive · d_out) rather than the O(B · T · C · d_out) of a dense (B, T, C) leaf. Entries must be
+    position-major (the order of `mask.nonzero()`).
+    """
+    B, n = leaf.shape
+    if n == 0:
+        return leaf.new_zeros(B, T, U.shape[-1])
+    counts = torch.bincount(t_idx, minlength=T)
+    rank = torch.arange(n, device=leaf.device) - (counts.cumsum(0) - counts)[t_idx]
+    m = int(counts.max())
+    U_pad = U.new_zeros(T, m, U.shape[-1])
+    U_pad[t_idx, rank] = U[c_idx]
+    slots = leaf.new_zeros(B, T * m).index_copy(1, t_idx * m + rank, leaf)
+    return torch.bmm(slots.view(B, T, m).transpose(0, 1), U_pad).transpose(0, 1)
+
+
 @contextmanager
 def direct_effect_leaves(
     model: ComponentModel,
     *,
+    alive: Mapping[str, Tensor] | None = None,
     replace: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     replace_emb: Tensor | None = None,
 ) -> Iterator[LeafRecord]:
     """Hook the target so that a forward run inside the block cuts the graph at every decomposed matrix.
 
+    Each decomposed module feeds downstream `a_dead @ U + Σ_j leaf_j · u_{c_j} at t_j + delta_leaf (+ bias)`,
+    where `leaf` (B, n_alive) holds a at the alive entries (t_j, c_j) and `a_dead` is a with those entries
+    zeroed, a constant. The value equals the target's output up to float rounding, and a backward pass
+    costs O(B · n_alive · d_out) per module instead of O(B · T · C · d_out): dead entries get no gradient.
+
     Args:
         model: The component model; its target is run as usual (`model.target(...)`) inside the block.
-        replace: Path → (a value, delta value) to use for that module's leaves instead of the computed
-            ones. Used by tests to hold leaves at clean values while one is perturbed.
+        alive: Path → (T, C) boolean mask of the entries that get a leaf (e.g. CI > 0); None: every entry.
+            Leaf columns follow `mask.nonzero()` order (position-major).
+        replace: Path → (a (B, T, C), delta (B, T, d_out)) to use for that module's leaves and constant
+            instead of the computed ones. Used by tests to hold leaves at clean values while one is perturbed.
         replace_emb: Value for the embedding leaf instead of the embedding's output.
 
     Yields:
         The record, filled in by the forward.
+
+    Raises:
+        VpdError: (during the forward) if an `alive` mask is missing or does not match the module's (T, C).
     """
     replace = replace or {}
     record = LeafRecord()
@@ -92,13 +144,19 @@ def direct_effect_leaves(
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor:
             x = args[0] if args else next(iter(kwargs.values()))
             # V and U are detached: the gradients wanted are with respect to activations, not parameters.
-            a = x @ comp.V.detach()
+            V, U = comp.V.detach(), comp.U.detach()
+            a = x @ V
             delta = F.linear(x, comp.delta().detach())
             a_val, delta_val = replace.get(path, (a, delta))
-            record.acts[path] = a
-            record.comp_leaves[path] = a_leaf = _leaf(a_val)
+            a_val = a_val.detach()
+            t_idx, c_idx = _alive_index(path, alive, a.shape[-2], a.shape[-1], a.device)
+            record.acts[path], record.inputs[path] = a, x
+            record.comp_index[path] = (t_idx, c_idx)
+            record.comp_leaves[path] = leaf = _leaf(a_val[:, t_idx, c_idx])
             record.delta_leaves[path] = delta_leaf = _leaf(delta_val)
-            out = a_leaf @ comp.U.detach() + delta_leaf
+            a_dead = a_val.clone()
+            a_dead[:, t_idx, c_idx] = 0
+            out = a_dead @ U + _alive_writes(leaf, t_idx, c_idx, U, a.shape[-2]) + delta_leaf
             return out if comp.bias is None else out + comp.bias
 
         return hook
@@ -200,25 +258,28 @@ class _Graph:
         ]
         return out + [(None, self.target_pos, tok, self.logit_start + j) for j, tok in enumerate(self.logit_tokens)]
 
+    def alive(self) -> dict[str, Tensor]:
+        """Path → (T, C) mask of the comp nodes; leaf columns then follow the node order of `comp_idx`."""
+        return {p: self.ci[p] > 0 for p in self.paths}
+
     def source_rows(self, rec: LeafRecord, grads: Sequence[Tensor | None], k: int, weight_by_ci: bool) -> Tensor:
         """Edge weights from every source node for the targets of copies 0..k-1, as (k, n)."""
-        leaves = [rec.emb, *rec.comp_leaves.values(), *rec.delta_leaves.values()]
-        grad_of = {id(leaf): g for leaf, g in zip(leaves, grads, strict=True)}
+        grad_of = {id(leaf): g for leaf, g in zip(rec.leaves(), grads, strict=True)}
         rows = rec.emb.new_zeros(k, len(self.nodes))
 
-        def grad(leaf: Tensor) -> Tensor:
-            g = grad_of[id(leaf)]
-            return torch.zeros_like(leaf[:k]) if g is None else g[:k]
-
-        rows[:, : self.T] = (grad(rec.emb) * rec.emb[0].detach()).sum(-1)
+        # A leaf the targets do not reach has no gradient (None): its rows stay zero.
+        if (g := grad_of[id(rec.emb)]) is not None:
+            rows[:, : self.T] = (g[:k] * rec.emb[0].detach()).sum(-1)
         for p in self.paths:
             t_idx, c_idx, ids = self.comp_idx[p]
-            weight = rec.comp_leaves[p][0, t_idx, c_idx].detach()
-            if weight_by_ci:
-                weight = weight * self.ci[p][t_idx, c_idx].to(weight)
-            rows[:, ids] = grad(rec.comp_leaves[p])[:, t_idx, c_idx] * weight
+            if (g := grad_of[id(rec.comp_leaves[p])]) is not None and len(ids):
+                weight = rec.comp_leaves[p][0].detach()
+                if weight_by_ci:
+                    weight = weight * self.ci[p][t_idx, c_idx].to(weight)
+                rows[:, ids] = g[:k] * weight
             delta = rec.delta_leaves[p]
-            rows[:, self.delta_start[p] : self.delta_start[p] + self.T] = (grad(delta) * delta[0].detach()).sum(-1)
+            if (g := grad_of[id(delta)]) is not None:
+                rows[:, self.delta_start[p] : self.delta_start[p] + self.T] = (g[:k] * delta[0].detach()).sum(-1)
         return rows
 
     def activation_and_ci(self, rec: LeafRecord, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,6 +293,28 @@ class _Graph:
             act[self.delta_start[p] : self.delta_start[p] + self.T] = rec.delta_leaves[p][0].detach().norm(dim=-1)
         act[self.logit_start :] = logits[0, self.target_pos, self.logit_tokens].detach()
         return act, ci
+
+
+def _target_sum(
+    d: Decomposition, rec: LeafRecord, logits: Tensor, chunk: Sequence[tuple[str | None, int, int, int]]
+) -> Tensor:
+    """Σ_k of target k read from copy k: a_c = x[t] · v_c for comp targets, the raw logit for logit targets.
+
+    Reading a_c from the module input costs O(d_in) in the backward, where indexing the (B, T, C) product
+    a = xV would cost a full (B, T, C) × (C, d_in) matmul per backward.
+    """
+    groups: dict[str | None, list[tuple[int, int, int]]] = {}
+    for k, (p, t, c, _) in enumerate(chunk):
+        groups.setdefault(p, []).append((k, t, c))
+    total = logits.new_zeros(())
+    for p, entries in groups.items():
+        ks, ts, cs = (torch.tensor(col, device=logits.device) for col in zip(*entries, strict=True))
+        if p is None:
+            total = total + logits[ks, ts, cs].sum()
+        else:
+            V = d.model.components(p).V.detach()
+            total = total + (rec.inputs[p][ks, ts] * V[:, cs].T).sum()
+    return total
 
 
 def _run(
@@ -250,17 +333,15 @@ def _run(
     graph = _Graph(d, tokens.shape[1], target_pos, logit_tokens, ci)
     targets = graph.targets()
     K = min(batch_size, max(len(targets), 1)) if batched else 1
-    with torch.enable_grad(), direct_effect_leaves(d.model) as rec:
+    # Only comp nodes are leaves: dead entries are never read as sources, so they stay constants.
+    with torch.enable_grad(), direct_effect_leaves(d.model, alive=graph.alive()) as rec:
         logits = d.model.target(tokens.expand(K, -1)).logits
-    leaves = [rec.emb, *rec.comp_leaves.values(), *rec.delta_leaves.values()]
+    leaves = rec.leaves()
     A = logits.new_zeros(len(graph.nodes), len(graph.nodes)).detach()
     for start in range(0, len(targets), K):
         chunk = targets[start : start + K]
         # Copy k carries target k; copies share no computation, so the sum separates in the gradient.
-        scalar = sum(
-            (rec.acts[p][k, t, c] if p is not None else logits[k, t, c]) for k, (p, t, c, _) in enumerate(chunk)
-        )
-        grads = torch.autograd.grad(scalar, leaves, allow_unused=True, retain_graph=True)
+        grads = torch.autograd.grad(_target_sum(d, rec, logits, chunk), leaves, allow_unused=True, retain_graph=True)
         A[[i for *_, i in chunk]] = graph.source_rows(rec, grads, len(chunk), weight_by_source_ci)
     activation, node_ci = graph.activation_and_ci(rec, logits)
     return Attribution(graph.nodes, A, activation, node_ci, logit_tokens, target_pos)

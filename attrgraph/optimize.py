@@ -101,7 +101,9 @@ def _mask(g: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
     return {p: (g[p] + (1.0 - g[p]) * s[p]).reshape(-1, *g[p].shape) for p in g}
 
 
-def _draw(like: dict[str, Tensor], gen: torch.Generator, n: int = 1) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def uniform_sources(
+    like: dict[str, Tensor], gen: torch.Generator, n: int = 1
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """U(0, 1) sources (n, T, C) and delta masks (n, T), drawn on the CPU generator so any device agrees."""
     r, delta = {}, {}
     for p, t in like.items():
@@ -264,7 +266,7 @@ def optimize_ci(
         if mode == "ci":
             loss = loss + _ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)[0]
         else:
-            r, delta = _draw(g, gen)
+            r, delta = uniform_sources(g, gen)
             ce_stoch = _ce(d, tokens, _mask(g, r), delta, target_pos, target_token)[0]
             if mode == "stochastic":
                 loss = loss + ce_stoch
@@ -342,11 +344,11 @@ def faithfulness(
         p_ci = (-_ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)).exp()
         p_stoch = []
         for start in range(0, n_samples, STOCH_CHUNK):
-            r, delta = _draw(g, gen, min(STOCH_CHUNK, n_samples - start))
+            r, delta = uniform_sources(g, gen, min(STOCH_CHUNK, n_samples - start))
             p_stoch.append((-_ce(d, tokens, _mask(g, r), delta, target_pos, target_token)).exp())
     worst = -math.inf
     for _ in range(restarts):
-        r, delta = _draw(g, gen)
+        r, delta = uniform_sources(g, gen)
         _, ce = pgd_sources(
             d, tokens, g, alive, r, delta, target_pos=target_pos, target_token=target_token,
             n_steps=pgd_steps, step_size=1.0,

@@ -1,8 +1,9 @@
 """Which decomposed layer pairs connect (attribution-graphs.md §2.3), found by tracing.
 
-One tiny dummy forward is run through `direct_effect_leaves`; for every target (one element of each
-decomposed module's a = xV, and one logit) `autograd.grad` is taken with respect to every leaf with
-`allow_unused=True`. A non-None, nonzero gradient means the target depends directly on that source.
+One tiny dummy forward is run through `direct_effect_leaves` with every (t, c) entry alive, so each is
+a leaf; for every target (one element of each decomposed module's a = xV, and one logit)
+`autograd.grad` is taken with respect to every leaf with `allow_unused=True`. A non-None, nonzero
+gradient means the target depends directly on that source.
 
 Source names: the module path for component leaves, ``delta/{path}`` for delta leaves and ``"emb"``
 for the embedding leaf. Target names: the module path, or ``"logit"``.
@@ -49,12 +50,11 @@ def trace_layer_pairs(d: Decomposition, n_tokens: int = 2) -> dict[str, set[str]
         raise VpdError(f"`n_tokens` must be >= 1; got {n_tokens}.")
     vocab = d.model.target.get_input_embeddings().num_embeddings
     tokens = (torch.arange(n_tokens, device=d.model_device) % vocab)[None]
-    with torch.enable_grad(), direct_effect_leaves(d.model) as rec:
+    # alive=None: every entry is a leaf, so no source can hide behind a dead (constant) entry.
+    with torch.enable_grad(), direct_effect_leaves(d.model, alive=None) as rec:
         logits = d.model.target(tokens).logits
-    if rec.emb is None:
-        raise VpdError("The embedding hook did not fire; cannot trace layer pairs.")
+    leaves = rec.leaves()
     names = [EMB, *rec.comp_leaves, *(delta_name(p) for p in rec.delta_leaves)]
-    leaves = [rec.emb, *rec.comp_leaves.values(), *rec.delta_leaves.values()]
 
     def sources(scalar: Tensor) -> set[str]:
         if not scalar.requires_grad:

@@ -633,13 +633,6 @@ def _row_ci(d: Decomposition, tokens: Tensor, ci: dict[str, Tensor] | None, b: i
     return out
 
 
-def _uniform(g: dict[str, Tensor], gen: torch.Generator, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """U(0, 1) sources (n, L, C) and delta masks (n, L), drawn on the CPU generator so any device agrees."""
-    r = {p: torch.rand(n, *t.shape, generator=gen, dtype=t.dtype).to(t.device) for p, t in g.items()}
-    delta = {p: torch.rand(n, t.shape[0], generator=gen, dtype=t.dtype).to(t.device) for p, t in g.items()}
-    return r, delta
-
-
 def _row_faithfulness(
     d: Decomposition,
     tokens: Tensor,
@@ -654,7 +647,7 @@ def _row_faithfulness(
     restarts: int,
 ) -> dict[str, float]:
     """The numbers of `circuit_faithfulness` for one (1, t* + 1) prompt; `ref` is the target's log-probs at t*."""
-    from attrgraph.optimize import pgd_sources
+    from attrgraph.optimize import pgd_sources, uniform_sources
 
     t_star = tokens.shape[1] - 1
     g_c = {p: g[p] * inside[p] for p in g}
@@ -677,7 +670,7 @@ def _row_faithfulness(
     out["graph_ci"] = float(log_probs({p: v[None] for p, v in g.items()}, None)[0, y].exp())
     p_s, kl_s, p_graph = [], [], []
     for start in range(0, n_samples, _STOCH_CHUNK):
-        r, delta = _uniform(g, gen, min(_STOCH_CHUNK, n_samples - start))
+        r, delta = uniform_sources(g, gen, min(_STOCH_CHUNK, n_samples - start))
         lq = log_probs(mixed(g_c, r), delta)
         p_s.append(lq[:, y].exp())
         kl_s.append(kl(lq))
@@ -686,7 +679,7 @@ def _row_faithfulness(
     out["graph_stochastic"] = float(torch.cat(p_graph).mean())
     worst, out["kl_adversarial"], out["graph_adversarial"] = -math.inf, math.nan, math.inf
     for _ in range(restarts):
-        r, delta = _uniform(g, gen, 1)
+        r, delta = uniform_sources(g, gen, 1)
         s, ce = pgd_sources(
             d,
             tokens,

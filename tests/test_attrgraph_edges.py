@@ -118,10 +118,14 @@ def _find(att: Attribution, kind: str, pos: int, short: str | None = None, block
 def _finite_difference(
     d: Decomposition, tokens: torch.Tensor, att: Attribution, tgt: int, src: int, eps: float = 1e-6
 ) -> float:
-    """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value."""
+    """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value.
+
+    `replace` takes each module's full a = xV (alive entries become leaves, dead ones constants), so nudging
+    one entry of the clean a moves exactly the source leaf.
+    """
     with torch.no_grad(), direct_effect_leaves(d.model) as rec:
         d.model.target(tokens)
-    clean = {p: (rec.comp_leaves[p].detach(), rec.delta_leaves[p].detach()) for p in d.module_paths}
+    clean = {p: (rec.acts[p].detach(), rec.delta_leaves[p].detach()) for p in d.module_paths}
     clean_emb = rec.emb.detach()
     s, t = att.nodes[src], att.nodes[tgt]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrgraph.optimize import _base_z, _draw, faithfulness, optimize_ci, pgd_sources
+from attrgraph.optimize import _base_z, faithfulness, optimize_ci, pgd_sources, uniform_sources
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from tests.conftest import float64_decomposition, tiny_llama
@@ -72,7 +72,7 @@ def test_adversary_moves_only_alive_entries(setup):
     g = {p: torch.rand(POS + 1, C, generator=gen, dtype=torch.float64) for p in d.module_paths}
     g = {p: torch.where(v < 0.4, 0.0, v) for p, v in g.items()}
     alive = {p: v > 0 for p, v in g.items()}
-    r, delta = _draw(g, gen)
+    r, delta = uniform_sources(g, gen)
     r0, delta0 = {p: v.clone() for p, v in r.items()}, {p: v.clone() for p, v in delta.items()}
     s, worst = pgd_sources(d, toks, g, alive, r, delta, target_pos=POS, target_token=TOK, n_steps=3, step_size=1.0)
     moved = 0
