@@ -11,16 +11,21 @@ Algorithm:
 2. Nodes: one `emb` per position, one `comp` per (module, t, c) with g > 0, one `delta` per
    (module, t), and one `logit` per chosen token at `target_pos`.
 3. Run ONE forward of the component model with all masks 1 and the delta mask 1, so the weights equal
-   the target's. In every decomposed module compute a = xV (kept, with its graph, as the target
-   quantity) and feed the network `a_leaf @ U + delta_leaf + bias`, where `a_leaf` and `delta_leaf`
-   are detached leaves of a and x Δᵀ. The input embedding's output is made a leaf too.
-4. Because every path between two decomposed matrices now ends at a leaf, the gradient of a target
-   (a_c at its position, or a raw logit) with respect to a leaf is the direct-effect gradient (·)*.
+   the target's. In every decomposed module compute a = xV and feed the network
+   `a_dead @ U + Σ_j leaf_j u_{c_j} + delta_leaf + bias`: `leaf` is a detached leaf of a at the comp
+   nodes (t_j, c_j) only, `a_dead` is a with those entries zeroed (a constant, never a source), and
+   `delta_leaf` is a detached leaf of x Δᵀ. The input embedding's output is made a leaf too. Leaves
+   at the alive entries only keep each backward at O(n_alive · d_out) per module, not O(T · C · d_out).
+4. Because every path between two decomposed matrices now ends at a leaf or a constant, the gradient
+   of a target (a_c = x_t · v_c at its position, read from the module input, or a raw logit) with
+   respect to a leaf is the direct-effect gradient (·)*.
 5. Edge weights: (∂a_t/∂a_s)* · a_s · g_s for comp sources (g_s only if `weight_by_source_ci`),
    Σ_d (∂a_t/∂e_d)* e_d for embedding sources and Σ_j (∂a_t/∂δ_j)* δ_j for delta sources.
 6. Batching: the prompt is replicated K times along the batch dimension and the K chosen target
    scalars, one per copy, are summed; copies never interact, so row k of each leaf gradient is the
-   gradient of target k. `attribute_reference` does one `autograd.grad` per target instead.
+   gradient of target k. The copy-independent parts of the hook (a, x Δᵀ, a_dead @ U) are computed
+   once and broadcast. `attribute_reference` does one `autograd.grad` per target instead, with every
+   (t, c) entry a leaf.
 
 All pairs are computed; structurally disallowed pairs (§2.3, §2.4) come out as exact zeros.
 """
@@ -49,7 +54,7 @@ class LeafRecord:
     """What one `direct_effect_leaves` forward recorded.
 
     Attributes:
-        acts: Path → a = xV (B, T, C), still attached to the graph.
+        acts: Path → a = xV (B, T, C), still attached to the graph; row 0 only, (1, T, C), with `copies`.
         inputs: Path → the module input x (B, T, d_in), attached; a target a_c at position t is x[t] · v_c,
             which backpropagates in O(d_in) instead of through the whole (B, T, C) product.
         comp_index: Path → (t, c) index tensors of the alive entries, in the column order of `comp_leaves`.
@@ -72,11 +77,17 @@ class LeafRecord:
         return [self.emb, *self.comp_leaves.values(), *self.delta_leaves.values()]
 
 
-def _leaf(value: Tensor) -> Tensor:
-    return value.detach().clone().requires_grad_(True)
+def _leaf(value: Tensor, rows: int | None = None) -> Tensor:
+    """A new leaf holding `value`; with `rows`, a stride-0 broadcast of value's row(s) to `rows` rows, no copy."""
+    if rows is None:
+        return value.detach().clone().requires_grad_(True)
+    return value.detach().expand(rows, *value.shape[1:]).requires_grad_(True)
 
 
-def _alive_index(path: str, alive: Mapping[str, Tensor] | None, T: int, C: int, device: torch.device) -> tuple:
+def _alive_index(
+    path: str, alive: Mapping[str, Tensor] | None, T: int, C: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(t, c) of the entries that get a leaf, position-major; every entry when `alive` is None."""
     if alive is None:
         t_idx, c_idx = torch.meshgrid(torch.arange(T, device=device), torch.arange(C, device=device), indexing="ij")
         return t_idx.reshape(-1), c_idx.reshape(-1)
@@ -103,7 +114,8 @@ def _alive_writes(leaf: Tensor, t_idx: Tensor, c_idx: Tensor, U: Tensor, T: int)
     U_pad = U.new_zeros(T, m, U.shape[-1])
     U_pad[t_idx, rank] = U[c_idx]
     slots = leaf.new_zeros(B, T * m).index_copy(1, t_idx * m + rank, leaf)
-    return torch.bmm(slots.view(B, T, m).transpose(0, 1), U_pad).transpose(0, 1)
+    # Contiguous (B, T, d_out): HF reshapes module outputs with `view`.
+    return torch.bmm(slots.view(B, T, m).transpose(0, 1), U_pad).transpose(0, 1).contiguous()
 
 
 @contextmanager
@@ -111,6 +123,7 @@ def direct_effect_leaves(
     model: ComponentModel,
     *,
     alive: Mapping[str, Tensor] | None = None,
+    copies: bool = False,
     replace: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     replace_emb: Tensor | None = None,
 ) -> Iterator[LeafRecord]:
@@ -125,6 +138,9 @@ def direct_effect_leaves(
         model: The component model; its target is run as usual (`model.target(...)`) inside the block.
         alive: Path → (T, C) boolean mask of the entries that get a leaf (e.g. CI > 0); None: every entry.
             Leaf columns follow `mask.nonzero()` order (position-major).
+        copies: Every batch row is a copy of one prompt (the batch only carries one target per row): a,
+            x Δᵀ and the constant a_dead @ U are computed from row 0 alone and broadcast, the leaves are
+            stride-0 broadcasts of row 0, and `acts` holds row 0 only.
         replace: Path → (a (B, T, C), delta (B, T, d_out)) to use for that module's leaves and constant
             instead of the computed ones. Used by tests to hold leaves at clean values while one is perturbed.
         replace_emb: Value for the embedding leaf instead of the embedding's output.
@@ -143,21 +159,23 @@ def direct_effect_leaves(
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor:
             x = args[0] if args else next(iter(kwargs.values()))
+            B, T = x.shape[0], x.shape[-2]
             # V and U are detached: the gradients wanted are with respect to activations, not parameters.
             V, U = comp.V.detach(), comp.U.detach()
-            a = x @ V
-            delta = F.linear(x, comp.delta().detach())
-            a_val, delta_val = replace.get(path, (a, delta))
-            a_val = a_val.detach()
-            t_idx, c_idx = _alive_index(path, alive, a.shape[-2], a.shape[-1], a.device)
+            rows = x[:1] if copies else x
+            a = rows @ V
             record.acts[path], record.inputs[path] = a, x
+            t_idx, c_idx = _alive_index(path, alive, T, a.shape[-1], a.device)
             record.comp_index[path] = (t_idx, c_idx)
-            record.comp_leaves[path] = leaf = _leaf(a_val[:, t_idx, c_idx])
-            record.delta_leaves[path] = delta_leaf = _leaf(delta_val)
-            a_dead = a_val.clone()
-            a_dead[:, t_idx, c_idx] = 0
-            out = a_dead @ U + _alive_writes(leaf, t_idx, c_idx, U, a.shape[-2]) + delta_leaf
-            return out if comp.bias is None else out + comp.bias
+            with torch.no_grad():  # leaf values and the dead part are constants; no_grad also reuses cached Δ
+                a_val, delta_val = replace.get(path) or (a, F.linear(rows, comp.delta()))
+                a_dead = a_val.clone()
+                a_dead[:, t_idx, c_idx] = 0
+                dead_out = a_dead @ U if comp.bias is None else a_dead @ U + comp.bias
+            rows_out = B if copies else None
+            record.comp_leaves[path] = leaf = _leaf(a_val[:, t_idx, c_idx], rows_out)
+            record.delta_leaves[path] = delta_leaf = _leaf(delta_val, rows_out)
+            return dead_out + _alive_writes(leaf, t_idx, c_idx, U, T) + delta_leaf
 
         return hook
 
@@ -262,25 +280,42 @@ class _Graph:
         """Path → (T, C) mask of the comp nodes; leaf columns then follow the node order of `comp_idx`."""
         return {p: self.ci[p] > 0 for p in self.paths}
 
-    def source_rows(self, rec: LeafRecord, grads: Sequence[Tensor | None], k: int, weight_by_ci: bool) -> Tensor:
-        """Edge weights from every source node for the targets of copies 0..k-1, as (k, n)."""
-        grad_of = {id(leaf): g for leaf, g in zip(rec.leaves(), grads, strict=True)}
-        rows = rec.emb.new_zeros(k, len(self.nodes))
-
-        # A leaf the targets do not reach has no gradient (None): its rows stay zero.
-        if (g := grad_of[id(rec.emb)]) is not None:
-            rows[:, : self.T] = (g[:k] * rec.emb[0].detach()).sum(-1)
+    def bind(self, rec: LeafRecord, weight_by_ci: bool) -> None:
+        """Find each comp node's column in its module's leaf and its edge factor a_s (· g_s), once per forward."""
+        self.cols: dict[str, Tensor | None] = {}
+        self.weight: dict[str, Tensor] = {}
         for p in self.paths:
-            t_idx, c_idx, ids = self.comp_idx[p]
+            t_idx, c_idx, _ = self.comp_idx[p]
+            leaf_t, leaf_c = rec.comp_index[p]
+            col_of = torch.full(self.ci[p].shape, -1, dtype=torch.long, device=leaf_t.device)
+            col_of[leaf_t, leaf_c] = torch.arange(len(leaf_t), device=leaf_t.device)
+            cols = col_of[t_idx, c_idx]
+            if bool((cols < 0).any()):  # cannot happen for leaves made from `alive()` or for alive=None
+                raise RuntimeError(f"the leaves of {p!r} lack some comp nodes of the graph")
+            weight = rec.comp_leaves[p][0, cols].detach()
+            self.weight[p] = weight * self.ci[p][t_idx, c_idx].to(weight) if weight_by_ci else weight
+            # Leaves made from the graph's own alive masks hold exactly its comp nodes, in order.
+            same = len(cols) == len(leaf_t) and torch.equal(cols, torch.arange(len(cols), device=cols.device))
+            self.cols[p] = None if same else cols
+
+    def source_rows(self, rec: LeafRecord, grads: Sequence[Tensor | None], out: Tensor) -> None:
+        """Write the edge weights from every source node for the targets of copies 0..k-1 into `out` (k, n).
+
+        `bind` must have run on `rec`. `out` must hold zeros: a leaf the targets do not reach has no gradient
+        (None) and is skipped.
+        """
+        k = out.shape[0]
+        grad_of = {id(leaf): g for leaf, g in zip(rec.leaves(), grads, strict=True)}
+        if (g := grad_of[id(rec.emb)]) is not None:
+            out[:, : self.T] = (g[:k] * rec.emb[0].detach()).sum(-1)
+        for p in self.paths:
+            ids, cols = self.comp_idx[p][2], self.cols[p]
             if (g := grad_of[id(rec.comp_leaves[p])]) is not None and len(ids):
-                weight = rec.comp_leaves[p][0].detach()
-                if weight_by_ci:
-                    weight = weight * self.ci[p][t_idx, c_idx].to(weight)
-                rows[:, ids] = g[:k] * weight
+                g = g[:k] if cols is None else g[:k, cols]
+                out[:, int(ids[0]) : int(ids[-1]) + 1] = g * self.weight[p]  # a path's comp nodes are consecutive
             delta = rec.delta_leaves[p]
             if (g := grad_of[id(delta)]) is not None:
-                rows[:, self.delta_start[p] : self.delta_start[p] + self.T] = (g[:k] * delta[0].detach()).sum(-1)
-        return rows
+                out[:, self.delta_start[p] : self.delta_start[p] + self.T] = (g[:k] * delta[0].detach()).sum(-1)
 
     def activation_and_ci(self, rec: LeafRecord, logits: Tensor) -> tuple[Tensor, Tensor]:
         act = logits.new_zeros(len(self.nodes))
@@ -291,7 +326,7 @@ class _Graph:
             act[ids] = rec.acts[p][0, t_idx, c_idx].detach()
             ci[ids] = self.ci[p][t_idx, c_idx].to(ci)
             act[self.delta_start[p] : self.delta_start[p] + self.T] = rec.delta_leaves[p][0].detach().norm(dim=-1)
-        act[self.logit_start :] = logits[0, self.target_pos, self.logit_tokens].detach()
+        act[self.logit_start :] = logits[0, -1, self.logit_tokens].detach()  # -1 is t*: the prompt ends there
         return act, ci
 
 
@@ -310,7 +345,7 @@ def _target_sum(
     for p, entries in groups.items():
         ks, ts, cs = (torch.tensor(col, device=logits.device) for col in zip(*entries, strict=True))
         if p is None:
-            total = total + logits[ks, ts, cs].sum()
+            total = total + logits[ks, -1, cs].sum()  # logit targets all sit at t*, the last position
         else:
             V = d.model.components(p).V.detach()
             total = total + (rec.inputs[p][ks, ts] * V[:, cs].T).sum()
@@ -333,16 +368,26 @@ def _run(
     graph = _Graph(d, tokens.shape[1], target_pos, logit_tokens, ci)
     targets = graph.targets()
     K = min(batch_size, max(len(targets), 1)) if batched else 1
-    # Only comp nodes are leaves: dead entries are never read as sources, so they stay constants.
-    with torch.enable_grad(), direct_effect_leaves(d.model, alive=graph.alive()) as rec:
-        logits = d.model.target(tokens.expand(K, -1)).logits
+    # Batched: only comp nodes are leaves (dead entries are never read as sources, so they stay constants).
+    # The reference keeps every (t, c) entry a leaf, so comparing the two also checks that restriction.
+    alive = graph.alive() if batched else None
+    with torch.enable_grad(), direct_effect_leaves(d.model, alive=alive, copies=True) as rec:
+        # Only t* is read out, so the (vocab-sized) head runs at the last position only.
+        logits = d.model.target(tokens.expand(K, -1), logits_to_keep=1).logits
+    graph.bind(rec, weight_by_source_ci)
     leaves = rec.leaves()
     A = logits.new_zeros(len(graph.nodes), len(graph.nodes)).detach()
     for start in range(0, len(targets), K):
         chunk = targets[start : start + K]
         # Copy k carries target k; copies share no computation, so the sum separates in the gradient.
         grads = torch.autograd.grad(_target_sum(d, rec, logits, chunk), leaves, allow_unused=True, retain_graph=True)
-        A[[i for *_, i in chunk]] = graph.source_rows(rec, grads, len(chunk), weight_by_source_ci)
+        first, last = chunk[0][3], chunk[-1][3]
+        if last - first + 1 == len(chunk):  # consecutive node ids: write straight into A's rows
+            graph.source_rows(rec, grads, A[first : last + 1])
+        else:
+            rows = A.new_zeros(len(chunk), len(graph.nodes))
+            graph.source_rows(rec, grads, rows)
+            A[[i for *_, i in chunk]] = rows
     activation, node_ci = graph.activation_and_ci(rec, logits)
     return Attribution(graph.nodes, A, activation, node_ci, logit_tokens, target_pos)
 
@@ -355,7 +400,7 @@ def attribute(
     logit_tokens: Sequence[int] | None = None,
     ci: dict[str, Tensor] | None = None,
     weight_by_source_ci: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> Attribution:
     """The attribution graph of one prompt, batching `batch_size` target nodes per backward.
 
@@ -387,9 +432,12 @@ def attribute_reference(
     logit_tokens: Sequence[int] | None = None,
     ci: dict[str, Tensor] | None = None,
     weight_by_source_ci: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> Attribution:
     """`attribute` with one `autograd.grad` per target node on a batch-1 forward (tests, benchmarks).
+
+    Every (t, c) entry is a leaf here, dead or alive, as in the plain formulation; `attribute` makes only
+    the alive entries leaves, so agreement between the two also checks that restriction.
 
     Arguments, return value and errors are those of `attribute`; `batch_size` is validated but unused.
     """

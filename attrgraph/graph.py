@@ -80,10 +80,15 @@ def to_networkx(
         else:
             attrs["label"] = _label(node, token, labels)
         G.add_node(str(node), **attrs)
+    # Bulk conversion: hundreds of thousands of edges are common, and per-edge tensor reads dominated.
     targets, sources = att.A.nonzero(as_tuple=True)
-    for t, s in zip(targets.tolist(), sources.tolist(), strict=True):
-        src, dst = att.nodes[s], att.nodes[t]
-        G.add_edge(str(src), str(dst), weight=float(att.A[t, s]), cross_position=src.pos != dst.pos)
+    weights = att.A[targets, sources].tolist()
+    names = [str(n) for n in att.nodes]
+    pos = [n.pos for n in att.nodes]
+    G.add_edges_from(
+        (names[s], names[t], {"weight": w, "cross_position": pos[s] != pos[t]})
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights, strict=True)
+    )
     return G
 
 

@@ -5,7 +5,9 @@
 Builds the edges of one prompt on the bundled target twice in one process, with `attribute` and
 `attribute_reference`, checks that they agree, and prints the node count, both times and their
 ratio. Without `--run` it uses a freshly initialised decomposition from `configs/smoke.yaml`,
-whose CI is dense, so `--ci-threshold` keeps only the subcomponents above that CI.
+whose CI is dense, so `--ci-threshold` keeps only the subcomponents above that CI. Last, it times
+`build_graph` end to end on the same prompt (the CI network's own g > 0 picks the nodes there, no
+threshold), as `vpd graph` runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import torch
 
 from attrgraph.edges import attribute, attribute_reference
+from attrgraph.graph import build_graph
 from decomposer.target.loading import load_target
 from decomposer.vpd.config import load_decompose_config
 from decomposer.vpd.run import Decomposition, load_decomposition
@@ -55,6 +58,12 @@ def main() -> None:
     print(f"prompt tokens {ids.shape[1]}, nodes {n:,}, nonzero edges {int((batched.A != 0).sum()):,}")
     ratio = t_loop / t_batched
     print(f"batched (K={args.batch_size}) {t_batched:.2f} s; per-node loop {t_loop:.2f} s; ratio {ratio:.1f}x")
+
+    prompt = tokenizer.decode(ids[0])
+    start = time.perf_counter()
+    G = build_graph(d, tokenizer, prompt, batch_size=args.batch_size)
+    t_graph = time.perf_counter() - start
+    print(f"build_graph end to end: {t_graph:.2f} s ({G.number_of_nodes():,} nodes, {G.number_of_edges():,} edges)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
 

@@ -227,12 +227,72 @@ def test_neox_batched_equals_reference(neox):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batched_equals_reference(llama, batch_size):
+    # The batched run makes only the alive entries leaves, the reference every (t, c) entry.
     d, tokens, ci, ref = llama
     att = attribute(d, tokens, ci=ci, batch_size=batch_size)
     assert att.nodes == ref.nodes and att.logit_tokens == ref.logit_tokens
     torch.testing.assert_close(att.A, ref.A, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(att.activation, ref.activation, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(att.ci, ref.ci)
+
+
+def test_module_and_positions_without_alive_entries(llama):
+    d, tokens, ci, _ = llama
+    paths = d.module_paths
+    sparse = {p: g.clone() for p, g in ci.items()}
+    sparse[paths[0]].zero_()  # a module with no comp node at all
+    sparse[paths[4]][1:4] = 0  # positions with none, next to positions with several
+    ref = attribute_reference(d, tokens, ci=sparse)
+    att = attribute(d, tokens, ci=sparse, batch_size=4)
+    assert not any(n.kind == "comp" and n.module == paths[0] for n in att.nodes)
+    assert {n.pos for n in att.nodes if n.kind == "comp" and n.module == paths[4]} <= {0, 4}
+    torch.testing.assert_close(att.A, ref.A, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("copies", [False, True])
+@pytest.mark.parametrize("all_alive", [False, True])
+def test_leaves_keep_the_forward_and_separate_rows(llama, copies, all_alive):
+    """Sparse leaves reproduce the target's logits, hold the alive entries only, and rows never mix."""
+    d, tokens, ci, _ = llama
+    batch = tokens.expand(2, -1) if copies else torch.cat([tokens, tokens.flip(-1)])
+    alive = None if all_alive else {p: g > 0 for p, g in ci.items()}
+    with torch.enable_grad(), direct_effect_leaves(d.model, alive=alive, copies=copies) as rec:
+        logits = d.model.target(batch).logits
+    with torch.no_grad():
+        plain = d.model.target(batch).logits
+    torch.testing.assert_close(logits, plain, rtol=1e-12, atol=1e-12)
+    for p in d.module_paths:
+        mask = torch.ones(T, C, dtype=torch.bool) if all_alive else alive[p]
+        t_idx, c_idx = mask.nonzero(as_tuple=True)
+        assert torch.equal(rec.comp_index[p][0], t_idx) and torch.equal(rec.comp_index[p][1], c_idx)
+        assert rec.comp_leaves[p].shape == (2, int(mask.sum()))
+        torch.testing.assert_close(rec.comp_leaves[p][1].detach(), rec.acts[p][-1, t_idx, c_idx].detach())
+    # Row 1's target depends on row 1's leaves only, exactly as in a batch-1 run of that prompt. The comp
+    # target is read from the module input (with `copies`, `acts` holds row 0 only).
+    last = d.module_paths[-1]
+    v = d.model.components(last).V[:, 0].detach()
+    # (Direct effects only: leaves such as q's reach neither target and get None.)
+    target = rec.inputs[last][1, T - 1] @ v + logits[1, T - 1, 0]
+    grads = torch.autograd.grad(target, rec.leaves(), allow_unused=True)
+    with torch.enable_grad(), direct_effect_leaves(d.model, alive=alive) as one:
+        one_logits = d.model.target(batch[1:]).logits
+    one_target = one.inputs[last][0, T - 1] @ v + one_logits[0, T - 1, 0]
+    one_grads = torch.autograd.grad(one_target, one.leaves(), allow_unused=True)
+    assert [g is None for g in grads] == [g is None for g in one_grads]
+    used = [(g, g_one) for g, g_one in zip(grads, one_grads, strict=True) if g is not None]
+    assert sum(bool(g[1].ne(0).any()) for g, _ in used) >= 3  # emb, the MLP inputs, deltas, ...
+    for g, g_one in used:
+        assert not bool(g[0].ne(0).any())
+        torch.testing.assert_close(g[1], g_one[0], rtol=1e-10, atol=1e-12)
+
+
+def test_alive_mask_must_match_the_forward(llama):
+    d, tokens, ci, _ = llama
+    bad = {p: (g > 0)[:-1] for p, g in ci.items()}
+    with pytest.raises(VpdError, match="alive"), direct_effect_leaves(d.model, alive=bad):
+        d.model.target(tokens)
+    with pytest.raises(VpdError, match="alive"), direct_effect_leaves(d.model, alive={}):
+        d.model.target(tokens)
 
 
 def test_gpt2_batched_equals_reference(gpt2):

@@ -174,7 +174,7 @@ def test_tied_training_copies_w_in_transposed_into_w_out():
     assert torch.equal(tms.W_out.weight, tms.W_in.weight.T)
     assert tms.W_out.weight.data_ptr() != tms.W_in.weight.data_ptr()  # separate matrices, both decomposable
     x = torch.rand(3, N_FEATURES)
-    assert torch.allclose(tms(x), torch.relu(x @ tms.W_in.weight.T @ tms.W_in.weight.T.T + tms.W_out.bias))
+    assert torch.allclose(tms(x), torch.relu(x @ tms.W_in.weight.T @ tms.W_in.weight + tms.W_out.bias))
     untied = train_tms(steps=5, tied=False, seed=2)
     assert not torch.equal(untied.W_out.weight, untied.W_in.weight.T)
 

@@ -53,9 +53,10 @@ def _harvest(args: argparse.Namespace) -> None:
     run_dir = resolve_run(args.run)
     read_metadata(run_dir)  # a missing run is reported as such, not as a read-only folder
     out = Path(args.out) if args.out is not None else run_dir
-    if args.out is None and not _writable(run_dir):
+    if args.out is None and (str(args.run) == "bundled" or not _writable(run_dir)):
+        # The bundled run lives inside the package; a harvest (hundreds of MB) never goes there.
         raise VpdError(
-            f"`--out` is required because the run folder {run_dir} is read-only (as the bundled run is); "
+            f"`--out` is required because the run folder {run_dir} is read-only or the bundled run; "
             "pass `--out DIR`."
         )
     d, tokenizer, _ = load_run(args.run)

@@ -41,10 +41,11 @@ def evaluate_run(run: str | Path, *, n_batches: int | None = None) -> dict:
     report = evaluate(d, batches, pgd_steps=cfg.eval.pgd_steps, pgd_step_size=cfg.eval.pgd_step_size)
     report["run"] = str(run_dir)
     report["step"] = meta["step"]
-    try:
-        atomic_write_json(run_dir / EVAL_FILE, report)
-    except OSError:
-        pass  # a read-only install (the bundled run) still prints its evaluation
+    if str(run) != "bundled":  # the shipped eval.json is the one recorded when the run was bundled
+        try:
+            atomic_write_json(run_dir / EVAL_FILE, report)
+        except OSError:
+            pass  # a read-only run folder still prints its evaluation
     return report
 
 
