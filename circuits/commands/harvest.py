@@ -56,8 +56,7 @@ def _harvest(args: argparse.Namespace) -> None:
     if args.out is None and (str(args.run) == "bundled" or not _writable(run_dir)):
         # The bundled run lives inside the package; a harvest (hundreds of MB) never goes there.
         raise VpdError(
-            f"`--out` is required because the run folder {run_dir} is read-only or the bundled run; "
-            "pass `--out DIR`."
+            f"`--out` is required because the run folder {run_dir} is read-only or the bundled run; pass `--out DIR`."
         )
     d, tokenizer, _ = load_run(args.run)
     if torch.cuda.is_available():  # the pass runs where the decomposition lives
