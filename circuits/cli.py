@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the princess attribution graph on the bundled decomposition (no arguments needed)"
     )
     demo.add_argument("--out", default="vpd-demo", help="folder for the graph files (default: vpd-demo)")
-    demo.add_argument("--steps", type=int, default=None, help="per-prompt optimisation steps (default 200/300)")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="per-prompt optimisation steps of both graphs (default 150 adversarial, 300 CI-only)",
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(handler=_demo)
     return parser

@@ -7,8 +7,9 @@ graph, influence pruning, labels, q/k pairs, and JSON / HTML / PNG files. The co
 point: the CI-only graph keeps the label only under the one ablation pattern it was fitted to, and
 the adversary breaks it.
 
-The paper runs 2,000 optimisation steps; the demo runs fewer so that it finishes in under a minute
-on two CPU cores. `vpd graph --optimize adversarial --steps 2000` runs the full schedule.
+The paper runs 2,000 optimisation steps at lr 1e-2; the demo runs 150 adversarial steps and 300
+CI-only steps at a higher lr so that it finishes in about a minute on two CPU cores.
+`vpd graph --optimize adversarial --steps 2000` runs the full schedule.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from decomposer.errors import VpdError
 PROMPT = "The princess lost her crown."
 TARGET = " her"
 GRAPH_TYPES = {"adversarial": 0.09, "ci": 1.0}  # graph type → λ_min (paper values, §4)
-DEFAULT_STEPS = {"adversarial": 200, "ci": 300}
+DEFAULT_STEPS = {"adversarial": 150, "ci": 300}
+# CI-only fitting is one forward per step; at lr 5e-2 its 300 steps reach what 1,000 steps at 1e-2 reach.
+LR = {"adversarial": 1e-2, "ci": 5e-2}
 
 
 def position_before(tokenizer, prompt: str, target: str) -> int:
@@ -50,7 +53,7 @@ def _graph_for(d, tokenizer, ids, *, graph_type: str, steps: int, target_pos: in
     from attrgraph.qk import add_qk_pairs
 
     result = optimize_ci(
-        d, ids, target_pos=target_pos, target_token=label, mode=graph_type, steps=steps,
+        d, ids, target_pos=target_pos, target_token=label, mode=graph_type, steps=steps, lr=LR[graph_type],
         l_min=GRAPH_TYPES[graph_type], progress=True,
     )  # fmt: skip
     report = asdict(faithfulness(d, ids, result.g, target_pos=target_pos, target_token=label))
@@ -116,6 +119,7 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
         summary["graphs"][graph_type] = {
             "lambda_min": GRAPH_TYPES[graph_type],
             "steps": steps[graph_type],
+            "lr": LR[graph_type],
             "p_target": report["target"],
             "p_ci": report["ci"],
             "p_stochastic": report["stochastic"],
@@ -137,11 +141,11 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
 def format_summary(summary: dict) -> str:
     lines = [
         f"{summary['prompt']!r}: P({summary['target']!r}) after position {summary['target_pos']}",
-        f"{'graph':<12} {'target':>7} {'CI':>7} {'stoch.':>7} {'advers.':>8} {'CI>0':>6} {'pruned':>15}",
+        f"{'graph':<18} {'target':>7} {'CI':>7} {'stoch.':>7} {'advers.':>8} {'CI>0':>6} {'pruned':>15}",
     ]
     for name, g in summary["graphs"].items():
         lines.append(
-            f"{name + '-pruned':<12} {g['p_target']:7.3f} {g['p_ci']:7.3f} {g['p_stochastic']:7.3f} "
+            f"{name + '-pruned':<18} {g['p_target']:7.3f} {g['p_ci']:7.3f} {g['p_stochastic']:7.3f} "
             f"{g['p_adversarial']:8.4f} {g['ci_nodes']:6d} {g['pruned_nodes']:5d} n {g['pruned_edges']:5d} e"
         )
     lines.append(
