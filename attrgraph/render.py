@@ -76,6 +76,8 @@ _PANEL_CSS = (
     "#vpd-panel table{border-collapse:collapse;margin:4px 16px 4px 0;display:inline-table;vertical-align:top}"
     "#vpd-panel td,#vpd-panel th{border:1px solid #ddd;padding:2px 6px;text-align:left}"
     "#vpd-panel code{background:#f4f4f4;padding:0 3px;white-space:pre}"
+    # The q/k table can hold hundreds of rows; it scrolls so the graph below stays in view.
+    ".vpd-scroll{display:inline-block;max-height:240px;overflow:auto;vertical-align:top}"
 )
 
 # Leftmost match wins, as in a browser: a tag inside a comment or a script is part of it.
@@ -209,7 +211,8 @@ def _qk_table(G: nx.DiGraph) -> str:
         )
     if not bodies:
         return "<table><tr><th>q/k pairs</th></tr><tr><td>none</td></tr></table>"
-    return f'<table id="vpd-qk"><thead><tr>{header}</tr></thead>{"".join(bodies)}</table>' + _QK_JS
+    table = f'<table id="vpd-qk"><thead><tr>{header}</tr></thead>{"".join(bodies)}</table>'
+    return f'<div class="vpd-scroll">{table}</div>' + _QK_JS
 
 
 def _panel(G: nx.DiGraph, title: str) -> str:
