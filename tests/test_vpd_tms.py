@@ -5,10 +5,11 @@ Ground truth. For `TMS`, y = ReLU(W_out(W_in x)), each feature i owns one rank-o
     W_in  = Σ_i W_in[:, i] e_iᵀ     feature i's piece reads e_i (input i) and writes W_in[:, i] (its embedding)
     W_out = Σ_i e_i W_out[i, :]     feature i's piece reads W_out[i, :] (its readout) and writes e_i (output i)
 
-and on an input where only feature i is active, only feature i's pieces matter. A subcomponent c has read
-direction v_c = V[:, c], write direction u_c = U[c] and matrix u_c v_cᵀ (nn.Linear layout). The test
-matches each feature's piece to the subcomponent whose matrix is nearest to it, then checks both directions,
-distinctness, and the CI on one-hot inputs.
+and on an input where only feature i is active, only feature i's pieces matter (as long as the output bias
+filters the interference, see ONE_HOT_VALUES). A subcomponent c has read direction v_c = V[:, c], write
+direction u_c = U[c] and matrix u_c v_cᵀ (nn.Linear layout). The test matches each feature's piece to the
+subcomponent whose matrix is nearest to it, then checks both directions, distinctness, and the CI on one-hot
+inputs.
 """
 
 import pytest
@@ -19,7 +20,7 @@ from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.toys import TMS, sparse_feature_batches, train_tms
 from decomposer.vpd.train import decompose
 
-N_FEATURES, N_HIDDEN, C = 5, 2, 20
+N_FEATURES, N_HIDDEN, C = 5, 2, 40
 P_ACTIVE = 0.05
 PATHS = ("W_in", "W_out")
 # One-hot inputs: feature i alone at each value. Up to 0.75 the trained toy keeps every other output at (nearly) 0,
@@ -29,10 +30,17 @@ PATHS = ("W_in", "W_out")
 ONE_HOT_VALUES = (0.25, 0.5, 0.75)
 HIGH_CI_VALUE = 0.75
 
-# The SPD paper's TMS 5-2 recipe (C 20 per matrix, per-component MLP CI of width 16, MSE output loss, importance
-# 3e-3, no adversary, faithfulness warm-up of 200 steps at lr 0.01), shortened to run in seconds: batch 512
-# instead of 4096, lr 1e-2 instead of 1e-3, and VPD's frequency term (β 0.5) and p anneal, which stop two
-# adjacent features from sharing one subcomponent in so few steps.
+# Based on the SPD paper's TMS 5-2 recipe (per-component `mlp` CI, MSE output loss, importance 3e-3, no adversary,
+# a 200-step faithfulness warm-up at lr 0.01, data with feature probability 0.05), shortened from 10k steps of 4096
+# rows at lr 1e-3 to 1k steps of 512 rows at lr 1e-2. Three changes make it recover every feature in so few steps.
+# Over 6 toy seeds x 3 decomposition seeds, 17 of 18 runs pass this file, and 13 of 18 with C 20. With C 20 and CI
+# width 16 or 32, about half of the runs tried pass; with C 20, width 16 and p fixed at 1, none of 4 tried.
+# - CI hidden width 1 instead of 16: the CI of a subcomponent is then (up to GELU's small dip) monotone in its
+#   activation a_c = x v_c. With 16 units it can be high for both signs of a_c, and one W_out subcomponent serves
+#   two features 144° apart on the pentagon (its write to the wrong-signed output is cut by the ReLU): the
+#   sign-keyed "bisemantic" subcomponent.
+# - VPD's frequency term (β 0.5) and a p anneal 2 → 0.5 over the first half, against two features sharing one.
+# - C 40 instead of 20 per matrix: more starting subcomponents, so adjacent W_in features rarely start out shared.
 CONFIG = {
     "target": "tms-5-2",
     "modules": [{"pattern": "W_in", "C": C}, {"pattern": "W_out", "C": C}],
@@ -51,7 +59,7 @@ CONFIG = {
     },
     "adversary": {"kind": "none"},
     "optim": {
-        "steps": 1500,
+        "steps": 1000,
         "batch_size": 512,
         "lr": 1e-2,
         "lr_final_frac": 0.0,
@@ -76,13 +84,17 @@ def abs_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def decomposed(tmp_path_factory):
-    """The trained TMS and its decomposition."""
-    tms = train_tms(N_FEATURES, N_HIDDEN, p_active=P_ACTIVE, tied=True, seed=0)
+def tms():
+    """The trained toy (a few seconds)."""
+    return train_tms(N_FEATURES, N_HIDDEN, p_active=P_ACTIVE, tied=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def decomposed(tms, tmp_path_factory):
+    """The decomposition of `tms` (about 15 s on one core)."""
     config = DecomposeConfig.model_validate(CONFIG)
     batches = sparse_feature_batches(N_FEATURES, config.optim.batch_size, P_ACTIVE, seed=1)
-    d = decompose(config, tmp_path_factory.mktemp("tms"), target=tms, batches=batches)
-    return tms, d
+    return decompose(config, tmp_path_factory.mktemp("tms"), target=tms, batches=batches)
 
 
 def one_hot_ci(d, value: float) -> dict[str, torch.Tensor]:
@@ -105,12 +117,20 @@ def matches(d, path: str) -> list[int]:
     return out
 
 
-def test_tms_stores_five_features_in_two_dimensions(decomposed):
-    tms, _ = decomposed
+def test_tms_stores_five_features_as_a_pentagon(tms):
     x = sparse_feature_batches(N_FEATURES, 4096, P_ACTIVE, seed=7)(0)
     assert float((tms(x) - x).pow(2).mean()) < 5e-3
-    norms = tms.W_in.weight.norm(dim=0)
-    assert bool((norms > 0.8).all()), norms  # every feature is embedded, none dropped
+    W = tms.W_in.weight  # (2, 5): column i embeds feature i
+    assert bool(((W.norm(dim=0) > 1.05) & (W.norm(dim=0) < 1.25)).all()), W.norm(dim=0)
+    angles = torch.atan2(W[1], W[0]).rad2deg().sort().values
+    gaps = torch.diff(torch.cat([angles, angles[:1] + 360]))
+    assert torch.allclose(gaps, torch.full((N_FEATURES,), 72.0), atol=3.0), gaps
+    assert bool(((tms.W_out.bias > -0.3) & (tms.W_out.bias < -0.2)).all()), tms.W_out.bias
+    # The bias filters the interference of a lone feature up to about 0.6 and lets it through near 1.
+    y = tms(0.55 * torch.eye(N_FEATURES))
+    assert torch.equal(y - torch.diag(y.diagonal()), torch.zeros_like(y)), y
+    y = tms(torch.eye(N_FEATURES))
+    assert float((y - torch.diag(y.diagonal())).max()) > 0.05, y
     for value in ONE_HOT_VALUES:
         y = tms(value * torch.eye(N_FEATURES))  # (feature on, output)
         off_diagonal = y - torch.diag(y.diagonal())
@@ -119,9 +139,10 @@ def test_tms_stores_five_features_in_two_dimensions(decomposed):
     assert torch.allclose(y.diagonal(), torch.full((N_FEATURES,), HIGH_CI_VALUE), atol=0.1), y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_every_feature_has_its_own_subcomponent(decomposed, path):
-    _, d = decomposed
+    d = decomposed
     comp = d.model.components(path)
     found = matches(d, path)
     assert len(set(found)) == N_FEATURES, f"{path}: features share subcomponents {found}"
@@ -130,14 +151,15 @@ def test_every_feature_has_its_own_subcomponent(decomposed, path):
             read, write = feature_piece(comp.weight, path, i)
             assert abs_cos(comp.V[:, c], read) > 0.9, (path, i, c)
             assert abs_cos(comp.U[c], write) > 0.9, (path, i, c)
-            piece = torch.outer(write, read)
-            rel_err = float((torch.outer(comp.U[c], comp.V[:, c]) - piece).norm() / piece.norm())
-            assert rel_err < 0.5, (path, i, c, rel_err)
+            # The right piece up to a modest scale: CI below 1 at typical values may be offset by a larger norm.
+            ratio = float(torch.outer(comp.U[c], comp.V[:, c]).norm() / torch.outer(write, read).norm())
+            assert 0.5 < ratio < 2.0, (path, i, c, ratio)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_matched_ci_is_high_only_on_its_own_feature(decomposed, path):
-    _, d = decomposed
+    d = decomposed
     found = matches(d, path)
     G = one_hot_ci(d, HIGH_CI_VALUE)[path]  # (feature on, C)
     for i, c in enumerate(found):
@@ -149,9 +171,10 @@ def test_matched_ci_is_high_only_on_its_own_feature(decomposed, path):
             assert float(others.max()) < 0.1, (path, value, i, c, G[:, c])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_unmatched_subcomponents_are_negligible_or_never_important(decomposed, path):
-    _, d = decomposed
+    d = decomposed
     comp = d.model.components(path)
     rest = sorted(set(range(C)) - set(matches(d, path)))
     smallest_piece = min(float(torch.outer(*feature_piece(comp.weight, path, i)).norm()) for i in range(N_FEATURES))
@@ -162,9 +185,10 @@ def test_unmatched_subcomponents_are_negligible_or_never_important(decomposed, p
             assert norm < 0.1 * smallest_piece or float(max_ci[k]) < 0.01, (path, c, norm, float(max_ci[k]))
 
 
-def test_ci_masked_model_reproduces_the_target(decomposed):
+@pytest.mark.slow
+def test_ci_masked_model_reproduces_the_target(tms, decomposed):
     """With masks m = g and no delta, the subcomponents that CI keeps compute most of the target's output."""
-    tms, d = decomposed
+    d = decomposed
     x = sparse_feature_batches(N_FEATURES, 4096, P_ACTIVE, seed=7)(0)
     with torch.no_grad():
         y, xs = d.model.forward_with_inputs(x)
