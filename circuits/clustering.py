@@ -147,15 +147,14 @@ def heldout_batches(d: Decomposition, tokenizer: PreTrainedTokenizerBase, n_toke
     The count is rounded up to whole windows, and capped by the held-out text available.
 
     Raises:
-        VpdError: `n_tokens` below 1, or no held-out text for this run (see `heldout_tokens`).
+        VpdError: `n_tokens` below 1, or no held-out text for this run (see `run_heldout_tokens`).
     """
-    from decomposer.target.loading import BUNDLED
-    from decomposer.vpd.batches import heldout_tokens, lm_eval_batches
+    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
 
     if n_tokens < 1:
         raise VpdError(f"`--tokens` must be at least 1; got {n_tokens}.")
     cfg = d.config
-    held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    held = run_heldout_tokens(cfg, tokenizer)
     n_windows = math.ceil(n_tokens / cfg.optim.seq_len)
     n_batches = math.ceil(n_windows / cfg.optim.batch_size)
     batches = lm_eval_batches(held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=n_batches)

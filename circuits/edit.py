@@ -550,14 +550,11 @@ def heldout_windows(
         VpdError: No held-out text is available, or too little is left for the LoRA part.
     """
     from decomposer.data.tokens import contiguous_windows
-    from decomposer.target.loading import BUNDLED
-    from decomposer.vpd.batches import heldout_tokens
+    from decomposer.vpd.batches import run_heldout_tokens
 
     cfg = d.config
     seq_len = min(cfg.optim.seq_len, getattr(d.model.target.config, "max_position_embeddings", cfg.optim.seq_len))
-    windows = contiguous_windows(
-        heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED), seq_len=seq_len - 1
-    )
+    windows = contiguous_windows(run_heldout_tokens(cfg, tokenizer), seq_len=seq_len - 1)
     n_eval = max(1, math.ceil(eval_tokens / seq_len))
     eval_ids = windows[:n_eval]
     if lora_tokens <= 0:

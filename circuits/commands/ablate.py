@@ -46,12 +46,11 @@ def _top(probs, tokenizer, k: int = TOP_K) -> list[dict]:
 
 def _reference(d, tokenizer, size: int):
     """The first `size` held-out windows, as for `vpd eval`."""
-    from decomposer.target.loading import BUNDLED
-    from decomposer.vpd.batches import heldout_tokens, lm_eval_batches
+    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
 
     cfg = d.config
     context = getattr(d.model.target.config, "max_position_embeddings", None) or cfg.optim.seq_len
-    held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    held = run_heldout_tokens(cfg, tokenizer)
     return lm_eval_batches(held, batch_size=size, seq_len=min(cfg.optim.seq_len, context), n_batches=1)[0]
 
 

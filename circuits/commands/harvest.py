@@ -38,8 +38,7 @@ def _harvest(args: argparse.Namespace) -> None:
 
     from circuits.harvest import harvest, save_harvest
     from decomposer.errors import VpdError
-    from decomposer.target.loading import BUNDLED
-    from decomposer.vpd.batches import heldout_tokens, lm_eval_batches
+    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
     from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
     from decomposer.vpd.run import read_metadata
@@ -64,7 +63,7 @@ def _harvest(args: argparse.Namespace) -> None:
         d.ci_fn.to("cuda")
     cfg = d.config
     batch_size, seq_len = args.batch_size or cfg.optim.batch_size, cfg.optim.seq_len
-    held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    held = run_heldout_tokens(cfg, tokenizer)
     n_batches = math.ceil(args.tokens / (batch_size * seq_len))
     batches = lm_eval_batches(held, batch_size=batch_size, seq_len=seq_len, n_batches=n_batches)
     if not batches:

@@ -39,7 +39,6 @@ def _qk(args: argparse.Namespace) -> None:
     from decomposer.data.tokens import contiguous_windows
     from decomposer.errors import VpdError
     from decomposer.io import atomic_write_json
-    from decomposer.target.loading import BUNDLED
     from decomposer.vpd import batches as vpd_batches
     from decomposer.vpd import load as vpd_load
 
@@ -55,7 +54,7 @@ def _qk(args: argparse.Namespace) -> None:
             f"`--layer` {args.layer} is not a block with decomposed q and k projections; use one of {shown}."
         )
     cfg = d.config
-    held = vpd_batches.heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    held = vpd_batches.run_heldout_tokens(cfg, tokenizer)
     context = getattr(d.model.target.config, "max_position_embeddings", None) or cfg.optim.seq_len
     seq_len = min(cfg.optim.seq_len, context)
     windows = contiguous_windows(held, seq_len=seq_len - 1, max_windows=math.ceil(args.tokens / seq_len))

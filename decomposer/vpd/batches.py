@@ -54,6 +54,13 @@ def heldout_tokens(tokenizer: PreTrainedTokenizerBase, data_dir: str | Path | No
     )
 
 
+def run_heldout_tokens(config, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """The held-out tokens of a run's `DecomposeConfig`: its corpus split, or the shipped sample for `bundled`."""
+    from decomposer.target.loading import BUNDLED
+
+    return heldout_tokens(tokenizer, config.data_dir, bundled=config.target == BUNDLED)
+
+
 def train_tokens(tokenizer: PreTrainedTokenizerBase, data_dir: str | Path | None) -> np.ndarray:
     if not corpus_paths(data_dir).manifest.exists():
         raise VpdError(

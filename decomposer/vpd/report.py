@@ -24,8 +24,8 @@ def resolve_run(run: str | Path) -> Path:
 
 def evaluate_run(run: str | Path, *, n_batches: int | None = None) -> dict:
     """Evaluate a saved run against its target on held-out batches; writes `<run>/eval.json` when writable."""
-    from decomposer.target.loading import BUNDLED, load_target
-    from decomposer.vpd.batches import heldout_tokens, lm_eval_batches
+    from decomposer.target.loading import load_target
+    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
 
     run_dir = resolve_run(run)
     _, meta = read_metadata(run_dir)
@@ -34,7 +34,7 @@ def evaluate_run(run: str | Path, *, n_batches: int | None = None) -> dict:
     cfg = d.config
     if n_batches is not None and n_batches < 1:
         raise VpdError(f"`--batches` must be at least 1; got {n_batches}.")
-    held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+    held = run_heldout_tokens(cfg, tokenizer)
     batches = lm_eval_batches(
         held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=n_batches or cfg.eval.batches
     )

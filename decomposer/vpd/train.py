@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from decomposer.errors import VpdError
 from decomposer.io import resolve_atomic_dir
 from decomposer.optim_state import load_optimizer_tensors, optimizer_tensors
-from decomposer.vpd.batches import BatchFn, heldout_tokens, lm_eval_batches, lm_train_batches, train_tokens
+from decomposer.vpd.batches import BatchFn, lm_eval_batches, lm_train_batches, run_heldout_tokens, train_tokens
 from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.run import METRICS_FILE, STATE_DIR, Decomposition, load_decomposition, save_state
 from decomposer.vpd.step import StepLog, Trainer, faithfulness_warmup
@@ -112,7 +112,7 @@ def decompose(
     rank, world = _world()
     cfg = config
     if target is None:
-        from decomposer.target.loading import BUNDLED, load_target
+        from decomposer.target.loading import load_target
 
         target, tokenizer = load_target(cfg.target)
         if batches is None:
@@ -126,7 +126,7 @@ def decompose(
                 world_size=world,
             )
         if eval_batches is None:
-            held = heldout_tokens(tokenizer, cfg.data_dir, bundled=cfg.target == BUNDLED)
+            held = run_heldout_tokens(cfg, tokenizer)
             eval_batches = lm_eval_batches(
                 held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=cfg.eval.batches
             )
