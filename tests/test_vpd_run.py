@@ -108,6 +108,27 @@ def test_existing_run_needs_resume(tmp_path):
         decompose(toy_config(steps=3), tmp_path, target=toy_target(), batches=toy_batches, resume=True)
 
 
+def test_init_from_starts_at_the_earlier_runs_parameters(tmp_path):
+    first = decompose(toy_config(), tmp_path / "first", target=toy_target(), batches=toy_batches)
+    # One step at a vanishing lr: the second run must start from the first run's U, V and CI weights and skip
+    # the faithfulness warm-up (whose lr of 1e-3 would move them by far more than the tolerance).
+    config = toy_config(steps=1, lr=1e-12).model_copy(update={"init_from": str(tmp_path / "first")})
+    second = decompose(config, tmp_path / "second", target=toy_target(), batches=toy_batches)
+    for name, value in first.tensors().items():
+        torch.testing.assert_close(second.tensors()[name], value, rtol=0, atol=1e-9, msg=name)
+    fresh = decompose(toy_config(steps=1, lr=1e-12), tmp_path / "fresh", target=toy_target(), batches=toy_batches)
+    assert not torch.allclose(fresh.tensors()["components.enc.V"], first.tensors()["components.enc.V"])
+
+
+def test_init_from_a_run_with_other_C_is_refused(tmp_path):
+    decompose(toy_config(steps=2), tmp_path / "first", target=toy_target(), batches=toy_batches)
+    base = toy_config(steps=2).model_dump()
+    base["modules"] = [{"pattern": "enc", "C": 4}, {"pattern": "dec", "C": 7}]
+    base["init_from"] = str(tmp_path / "first")
+    with pytest.raises(VpdError, match="same `modules` as that run"):
+        decompose(DecomposeConfig.model_validate(base), tmp_path / "second", target=toy_target(), batches=toy_batches)
+
+
 @pytest.fixture(scope="module")
 def micro_target(micro_data_dir, tmp_path_factory):
     """A trained 2-layer Llama on the micro corpus, saved with its tokenizer."""

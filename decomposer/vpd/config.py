@@ -107,6 +107,12 @@ class DecomposeConfig(_Frozen):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     checkpoint_every: PositiveInt = Field(500, description="Steps between atomic checkpoints.")
     data_dir: str | None = Field(None, description="Data directory of the corpus; None means the default.")
+    init_from: str | None = Field(
+        None,
+        description="A run folder (or `bundled`) whose U, V and CI parameters start this run, which then skips "
+        "the faithfulness warm-up; its target, modules, C and CI network must match. Continues a finished run "
+        "under a new schedule.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DecomposeConfig:

@@ -54,6 +54,22 @@ def _reduce_mean(t: Tensor) -> Tensor:
     return t / dist.get_world_size()
 
 
+def _init_from(d: Decomposition, run: str, target: nn.Module) -> None:
+    """Copy U, V and the CI parameters of a finished run into the fresh decomposition `d`."""
+    from decomposer.vpd.report import resolve_run
+
+    source, meta, _ = load_decomposition(resolve_run(run), target)
+    if source.Cs != d.Cs:
+        raise VpdError(
+            f"`init_from` {run!r} decomposes {len(source.Cs)} matrices with other C than this config's modules. "
+            "Give the new config the same `modules` as that run."
+        )
+    if source.config.ci != d.config.ci:
+        raise VpdError(f"`init_from` {run!r} has another CI network. Copy its `ci` section into the new config.")
+    d.load_tensors(source.tensors())
+    logger.info("decompose: started from %s at its step %d", run, meta["step"])
+
+
 def _train_state(trainer: Trainer) -> dict[str, Tensor]:
     state = optimizer_tensors(trainer.opt, prefix="optimizer.")
     if trainer.ppgd is not None and trainer.ppgd.leading_shape is not None:
@@ -151,6 +167,8 @@ def decompose(
                 f"{out} already holds a decomposition. Pass `--resume` to continue it, or choose a new `--out`."
             )
         d, state, start = Decomposition.create(cfg, target), {}, 0
+        if cfg.init_from is not None:
+            _init_from(d, cfg.init_from, target)
 
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -173,7 +191,7 @@ def decompose(
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-        if cfg.optim.faithfulness_warmup_steps:
+        if cfg.optim.faithfulness_warmup_steps and cfg.init_from is None:
             loss = faithfulness_warmup(
                 d, steps=cfg.optim.faithfulness_warmup_steps, lr=cfg.optim.faithfulness_warmup_lr, progress=progress
             )
