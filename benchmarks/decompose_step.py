@@ -2,13 +2,17 @@
 
     python benchmarks/decompose_step.py [--shape bundled|paper|both] [--steps 6] [--batch-size B] [--seq-len T]
 
-"ours" is `Trainer.step` as shipped: each masked module computes a·(m − δ)·U + δ·xWᵀ, reusing the
-target's own output x Wᵀ for the delta term, so Δ = W − (VU)ᵀ is formed only once per step (for L_Δ).
-"eager" is the identical step with `LinearComponents.forward` replaced by the direct transcription of
-method.md §4, a·m·U + δ·x(W − (VU)ᵀ)ᵀ, which forms Δ and multiplies by it in every masked forward
-(stochastic, each PPGD ascent, adversarial) while the hooked module's own x Wᵀ goes unused. Both variants
-run interleaved (eager, ours, eager, ours, ...) after warm-up steps, so machine noise hits both; the
-script prints median step time, tokens/s and the ratio.
+"ours" is `Trainer.step` as shipped. "eager" is the same step with the three shortcuts it takes written
+back out as method.md states them plainly:
+- each masked module computes a·m·U + δ·x(W − (VU)ᵀ)ᵀ, forming Δ and multiplying by it in every masked
+  forward (stochastic, each PPGD ascent, adversarial) while the hooked module's own x Wᵀ goes unused;
+  ours computes a·(m − δ)·U + δ·xWᵀ, so Δ is formed once per step (for L_Δ);
+- the adversarial pass routes every position through a `where` against all-true routing masks; ours
+  passes no routing there;
+- PPGD's ∂L_adv/∂s comes from its own `autograd.grad` pass before the main backward; ours reads it from
+  the sources' `.grad` after the one backward.
+Both variants run interleaved (eager, ours, eager, ours, ...) after warm-up steps, so machine noise
+hits both; the script prints median step time, tokens/s and the ratio.
 
 Shapes: `bundled` is the bundled target with `configs/bundled-decomposition.yaml` (its C per
 matrix and CI transformer); `paper` is a random-weight 4-layer Llama with d_model 768 and MLP 3072
@@ -30,10 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from decomposer.target.loading import load_target
+from decomposer.vpd import step as step_module
 from decomposer.vpd.components import LinearComponents
 from decomposer.vpd.config import DecomposeConfig, load_decompose_config, paper_preset
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.step import Trainer
+from decomposer.vpd.step import routing_masks as _routing_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +111,7 @@ def run_shape(name: str, args: argparse.Namespace, device: torch.device) -> None
     trainer = Trainer(d, n_ref=B * T, generator=gen)
     batches = [torch.randint(0, vocab, (B, T), device=device) for _ in range(args.warmup + args.steps)]
 
-    variants = {"eager": lambda: mock.patch.object(LinearComponents, "forward", _plain_forward), "ours": _no_patch}
+    variants = {"eager": _eager, "ours": _no_patch}
     times: dict[str, list[float]] = {k: [] for k in variants}
     step = 0
     for patch in variants.values():  # warm-up: allocator, autotuning, first-call costs
@@ -148,6 +154,32 @@ def _plain_forward(self, x, mask=None, delta_mask=None, routing=None, *, target_
             routing[..., None], out, target_out if target_out is not None else F.linear(x, self.weight, self.bias)
         )
     return out
+
+
+def _plain_routing(d, kind, leading, generator):
+    """Routing masks as tensors even when every position is routed."""
+    if kind != "all":
+        return _routing_masks(d, kind, leading, generator)
+    return {p: torch.ones(leading, dtype=torch.bool, device=d.model_device) for p in d.module_paths}
+
+
+def _plain_backward(self, total, l_adv):
+    """∂L_adv/∂s by its own autograd pass, then the main backward."""
+    grads = None
+    if self.ppgd is not None and self.d.config.loss.adversarial > 0:
+        grads = list(torch.autograd.grad(l_adv, self.ppgd.source_list(), retain_graph=True))
+    total.backward()
+    return grads
+
+
+@contextlib.contextmanager
+def _eager():
+    with (
+        mock.patch.object(LinearComponents, "forward", _plain_forward),
+        mock.patch.object(step_module, "routing_masks", _plain_routing),
+        mock.patch.object(Trainer, "_backward", _plain_backward),
+    ):
+        yield
 
 
 def _no_patch():

@@ -175,3 +175,57 @@ def test_fresh_pgd_probe_stays_in_box_and_is_reproducible(toy):
     with torch.no_grad():  # the eval probe runs under no_grad; the ascent must still get gradients
         _, _, l3 = probe()
     assert l3 == l1
+
+
+def test_training_step_ascends_along_the_adversarial_loss_gradient(monkeypatch):
+    """The step's single backward hands PPGD exactly ∂L_adv/∂s, as a separate autograd pass would."""
+    import copy
+
+    from decomposer.vpd.config import DecomposeConfig
+    from decomposer.vpd.run import Decomposition
+    from decomposer.vpd.step import Trainer, output_of
+
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 6))
+    cfg = DecomposeConfig.model_validate(
+        {
+            "target": "toy",
+            "modules": [{"pattern": "0", "C": 5}, {"pattern": "2", "C": 3}],
+            "ci": {"kind": "mlp", "hidden": 4},
+            "loss": {"output_loss": "mse", "faithfulness": 1.0, "adversarial": 0.3},
+            "adversary": {"kind": "ppgd", "warmup_frac": 0.0},
+            "optim": {"steps": 4, "batch_size": 8, "lr": 1e-2},
+        }
+    )
+    d = Decomposition.create(cfg, target)
+    trainer = Trainer(d, n_ref=8, generator=torch.Generator().manual_seed(0))
+    batch = torch.rand(8, 6)
+    seen = {}
+    step_opt = trainer.opt.step
+
+    def snapshot_then_step(*args, **kwargs):
+        # State the adversarial loss was evaluated at: parameters before the update, sources before the ascent.
+        seen["d"] = copy.deepcopy(d)
+        seen["sources"] = {p: s.detach().clone() for p, s in trainer.ppgd.sources.items()}
+        return step_opt(*args, **kwargs)
+
+    ascend = trainer.ppgd.ascend
+
+    def spy(grads, step):
+        seen["grads"] = [g.clone() for g in grads]
+        return ascend(grads, step)
+
+    monkeypatch.setattr(trainer.opt, "step", snapshot_then_step)
+    monkeypatch.setattr(trainer.ppgd, "ascend", spy)
+    trainer.step(batch, 1)
+
+    ref = seen["d"]
+    out, xs = ref.model.forward_with_inputs(batch)
+    g, _ = ref.causal_importance(xs)
+    sources = {p: s.clone().requires_grad_(True) for p, s in seen["sources"].items()}
+    masks, delta_masks = sources_to_masks(g, sources)
+    l_adv = mse_output_loss(output_of(out).detach(), output_of(ref.model(batch, masks=masks, delta_masks=delta_masks)))
+    expected = torch.autograd.grad(l_adv, [sources[p] for p in ref.module_paths])
+    assert any(e.abs().max() > 1e-4 for e in expected)
+    for got, want in zip(seen["grads"], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

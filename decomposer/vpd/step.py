@@ -8,7 +8,7 @@
    from its sources and the live g (or fresh PGD re-draws shared sources each step).
 6. Importance and frequency minimality at the scheduled p.
 7. total.backward(), gradients averaged across ranks, U/V clipped, AdamW step, then PPGD's third
-   ascent with ∂L_adv/∂s taken before the backward.
+   ascent with ∂L_adv/∂s from the same backward (the sources are leaves that only L_adv reads).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from decomposer.vpd.losses import (
     mse_output_loss,
     p_schedule,
 )
-from decomposer.vpd.routing import all_routing, uniform_k_routing
+from decomposer.vpd.routing import uniform_k_routing
 from decomposer.vpd.run import Decomposition
 
 GradReducer = Callable[[list[Tensor]], None]
@@ -61,14 +61,16 @@ def reconstruction(kind: str, target: Tensor, output: Tensor) -> Tensor:
 
 def routing_masks(
     d: Decomposition, kind: str, leading: tuple[int, ...], generator: torch.Generator
-) -> dict[str, Tensor]:
-    """Path → bool routing of shape `leading`, from (L, B, T) draws; toy batches (B,) use T = 1."""
+) -> dict[str, Tensor] | None:
+    """Path → bool routing of shape `leading`, from (L, B, T) draws; toy batches (B,) use T = 1.
+
+    Routing everything returns None, which the masked forward reads the same way without a `where` per matrix.
+    """
+    if kind == "all":
+        return None
     L = len(d.module_paths)
     B, T = (leading[0], 1) if len(leading) == 1 else leading
-    if kind == "uniform_k":
-        rho = uniform_k_routing(L, B, T, generator=generator, device=generator.device)
-    else:
-        rho = all_routing(L, B, T, device=generator.device)
+    rho = uniform_k_routing(L, B, T, generator=generator, device=generator.device)
     device = d.model_device
     return {p: rho[i].reshape(leading).to(device) for i, p in enumerate(d.module_paths)}
 
@@ -137,6 +139,16 @@ class Trainer:
             out = output_of(self.d.model(batch, masks=masks, delta_masks=delta_masks, routing=routing))
         return reconstruction(self.d.config.loss.output_loss, y_star, out)
 
+    def _backward(self, total: Tensor, l_adv: Tensor) -> list[Tensor | None] | None:
+        """Backward of the total loss; returns ∂L_adv/∂s for the PPGD ascent (None without PPGD)."""
+        total.backward()
+        coefficient = self.d.config.loss.adversarial
+        if self.ppgd is None or coefficient == 0:
+            return None
+        # The sources are leaves of the same graph and only L_adv reads them, so the one backward above left
+        # coefficient · ∂L_adv/∂s in their .grad: no second pass through the adversarial graph.
+        return [None if s.grad is None else s.grad / coefficient for s in self.ppgd.source_list()]
+
     def step(self, batch: Tensor, step: int) -> StepLog:
         cfg, d, gen = self.d.config, self.d, self.generator
         lr = cosine_lr(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.lr_final_frac, cfg.optim.lr_warmup_steps)
@@ -197,10 +209,7 @@ class Trainer:
             + cfg.loss.adversarial * l_adv
             + cfg.loss.importance * (imp + freq)
         )
-        source_grads = None
-        if self.ppgd is not None and cfg.loss.adversarial > 0:
-            source_grads = torch.autograd.grad(l_adv, self.ppgd.source_list(), retain_graph=True)
-        total.backward()
+        source_grads = self._backward(total, l_adv)
         if self.reduce_grads is not None:
             self.reduce_grads(self.uv + self.ci_params)
         if cfg.optim.clip_uv is not None:
@@ -208,7 +217,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if source_grads is not None:
-            self.ppgd.ascend(list(source_grads), step)
+            self.ppgd.ascend(source_grads, step)
 
         with torch.no_grad():
             l0 = sum(float((g_l > 0).sum(-1).float().mean()) for g_l in g.values())
