@@ -16,7 +16,9 @@ without leading zeros, and `parse` rejects leading zeros so that the inverse is 
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -255,3 +257,38 @@ def node_row(node: NodeId, *, n_blocks: int | None = None) -> int:
     assert node.module is not None, f"{node.kind} node without a module: {node!r}"
     block, _, short = module_short_name(node.module)
     return 1 + ROWS_PER_BLOCK * block + _ROW_OF_SHORT[short]
+
+
+_COMPONENT_KEY = re.compile(r"(?P<module>[^:\s]+):(?P<c>[0-9]+)")
+
+
+def resolve_component(
+    module_paths: Iterable[str], Cs: Mapping[str, int], key: str, *, argument: str = "component"
+) -> tuple[str, int]:
+    """(module path, c) of a subcomponent key such as `2.mlp.down:17` or `model.layers.2.mlp.down_proj:17`.
+
+    Args:
+        module_paths: The decomposed module paths (`d.module_paths`).
+        Cs: Path → C (`d.Cs`).
+        key: The key to resolve.
+        argument: The argument name used in error messages.
+
+    Raises:
+        VpdError: The key is malformed, names no decomposed matrix, or c ≥ C.
+    """
+    match = _COMPONENT_KEY.fullmatch(key.strip()) if isinstance(key, str) else None
+    if match is None:
+        raise VpdError(
+            f"`{argument}` {key!r} is not a subcomponent key; write it as block.part.matrix:c, e.g. 2.mlp.down:17."
+        )
+    name, c = match["module"], int(match["c"])
+    by_short = {".".join(map(str, module_short_name(path))): path for path in module_paths}
+    path = name if name in by_short.values() else by_short.get(name)
+    if path is None:
+        near = difflib.get_close_matches(name, list(by_short), n=5, cutoff=0.0)
+        raise VpdError(f"`{argument}` {key!r} names no decomposed matrix; use one of {', '.join(near)} with `:c`.")
+    if c >= Cs[path]:
+        raise VpdError(
+            f"`{argument}` {key!r} has index {c}, but {name} has C={Cs[path]}; use an index in 0..{Cs[path] - 1}."
+        )
+    return path, c

@@ -149,18 +149,12 @@ def heldout_batches(d: Decomposition, tokenizer: PreTrainedTokenizerBase, n_toke
     Raises:
         VpdError: `n_tokens` below 1, or no held-out text for this run (see `run_heldout_tokens`).
     """
-    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
+    from decomposer.vpd.batches import run_heldout_windows
 
-    if n_tokens < 1:
-        raise VpdError(f"`--tokens` must be at least 1; got {n_tokens}.")
     cfg = d.config
-    held = run_heldout_tokens(cfg, tokenizer)
-    n_windows = math.ceil(n_tokens / cfg.optim.seq_len)
-    n_batches = math.ceil(n_windows / cfg.optim.batch_size)
-    batches = lm_eval_batches(held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=n_batches)
-    windows = torch.cat(batches)[:n_windows] if batches else torch.empty(0, cfg.optim.seq_len, dtype=torch.long)
-    if len(windows) < n_windows:
-        logger.warning("held-out text has %d windows, fewer than the %d asked for", len(windows), n_windows)
+    windows = run_heldout_windows(cfg, tokenizer, n_tokens=n_tokens)
+    if len(windows) * cfg.optim.seq_len < n_tokens:
+        logger.warning("held-out text has %d windows, fewer than %d tokens' worth", len(windows), n_tokens)
     return list(windows.split(cfg.optim.batch_size))
 
 

@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from attrgraph.labels import component_key
 from attrgraph.nodes import module_short_name
+from attrgraph.nodes import resolve_component as resolve_key
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.targets import read_weight
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESIDUAL_WRITERS = ("o", "down")
-_KEY = re.compile(r"(?P<module>[^:\s]+):(?P<c>[0-9]+)")
 
 
 def resolve_component(d: Decomposition, key: str) -> tuple[str, int]:
@@ -50,24 +48,7 @@ def resolve_component(d: Decomposition, key: str) -> tuple[str, int]:
     Raises:
         VpdError: The key is malformed, names no decomposed matrix, or c ≥ C.
     """
-    match = _KEY.fullmatch(key.strip()) if isinstance(key, str) else None
-    if match is None:
-        raise VpdError(
-            f"`component` {key!r} is not a subcomponent key; write it as block.part.matrix:c, e.g. 2.mlp.down:17."
-        )
-    name, c = match["module"], int(match["c"])
-    by_short = {}
-    for path in d.module_paths:
-        block, part, short = module_short_name(path)
-        by_short[f"{block}.{part}.{short}"] = path
-    path = name if name in d.module_paths else by_short.get(name)
-    if path is None:
-        near = difflib.get_close_matches(name, list(by_short), n=5, cutoff=0.0)
-        raise VpdError(f"`component` {key!r} names no decomposed matrix; use one of {', '.join(near)} with `:c`.")
-    C = d.Cs[path]
-    if c >= C:
-        raise VpdError(f"`component` {key!r} has index {c}, but {name} has C={C}; use an index in 0..{C - 1}.")
-    return path, c
+    return resolve_key(d.module_paths, d.Cs, key, argument="component")
 
 
 def unembedding_direction(model: nn.Module, token_id: int) -> Tensor:
@@ -549,17 +530,17 @@ def heldout_windows(
     Raises:
         VpdError: No held-out text is available, or too little is left for the LoRA part.
     """
-    from decomposer.data.tokens import contiguous_windows
-    from decomposer.vpd.batches import run_heldout_tokens
+    from decomposer.vpd.batches import run_heldout_windows
 
     cfg = d.config
     seq_len = min(cfg.optim.seq_len, getattr(d.model.target.config, "max_position_embeddings", cfg.optim.seq_len))
-    windows = contiguous_windows(run_heldout_tokens(cfg, tokenizer), seq_len=seq_len - 1)
     n_eval = max(1, math.ceil(eval_tokens / seq_len))
+    n_lora = math.ceil(lora_tokens / seq_len) if lora_tokens > 0 else 0
+    windows = run_heldout_windows(cfg, tokenizer, n_tokens=(n_eval + n_lora) * seq_len, seq_len=seq_len)
     eval_ids = windows[:n_eval]
     if lora_tokens <= 0:
         return eval_ids, None
-    lora_ids = windows[n_eval : n_eval + math.ceil(lora_tokens / seq_len)]
+    lora_ids = windows[n_eval:]
     if len(lora_ids) == 0:
         raise VpdError(
             f"The held-out text has {windows.numel():,} tokens, all used for evaluation, so none is left for LoRA "

@@ -15,7 +15,6 @@ scaling and partial rotary; R = I without RoPE). Scores are per head z-scored ov
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from attrgraph.labels import component_key
-from attrgraph.nodes import module_short_name
+from attrgraph.nodes import module_short_name, resolve_component
 from attrgraph.qk import apply_rope, attention_layout, attention_pattern, rope_cos_sin, rope_of, split_heads
 from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
@@ -54,28 +53,10 @@ __all__ = [
     "top_densities",
 ]
 
-_KEY = re.compile(r"([0-9]+)\.(attn|mlp)\.([a-z]+):([0-9]+)")
 
-
-def resolve_component_key(d: Decomposition, key: str) -> tuple[str, int]:
-    """(module path, c) of a key such as `1.attn.q:31`.
-
-    Raises:
-        VpdError: `key` is malformed, names no decomposed module, or c is out of range.
-    """
-    match = _KEY.fullmatch(key) if isinstance(key, str) else None
-    if match is None:
-        raise VpdError(f"Subcomponent key {key!r} is malformed; write it as block.attn|mlp.matrix:c, e.g. 1.attn.q:31.")
-    block, part, short, c = int(match.group(1)), match.group(2), match.group(3), int(match.group(4))
-    paths = [p for p in d.module_paths if module_short_name(p) == (block, part, short)]
-    if not paths:
-        raise VpdError(
-            f"Subcomponent key {key!r} names no decomposed module; use e.g. {component_key(d.module_paths[0], 0)}."
-        )
-    C = d.Cs[paths[0]]
-    if c >= C:
-        raise VpdError(f"Subcomponent key {key!r} has c={c}, but that matrix has C={C}; use 0..{C - 1}.")
-    return paths[0], c
+def resolve_component_key(d: Decomposition, key: str, *, argument: str = "key") -> tuple[str, int]:
+    """(module path, c) of a key such as `1.attn.q:31` (see `attrgraph.nodes.resolve_component`)."""
+    return resolve_component(d.module_paths, d.Cs, key, argument=argument)
 
 
 def qk_layers(d: Decomposition) -> list[int]:
@@ -438,7 +419,7 @@ def ablation_attention_effect(d: Decomposition, ids: Tensor, q_key: str, *, max_
     Raises:
         VpdError: `q_key` is malformed or not a q subcomponent, or `ids` is not a batch of token ids.
     """
-    path, c = resolve_component_key(d, q_key)
+    path, c = resolve_component_key(d, q_key, argument="q_key")
     layer, _, short = module_short_name(path)
     if short != "q":
         raise VpdError(

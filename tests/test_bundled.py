@@ -65,3 +65,25 @@ def test_heldout_ce_is_1_5_nats_below_unigram_entropy(bundled):
     report = measure_quality(model, tok, tokens)
     assert report.ce_below_unigram >= 1.5, report
     assert report.passes, report
+
+
+def test_heldout_windows_are_the_evaluation_windows(bundled, tmp_path):
+    """Every analysis reads the same held-out windows as `vpd eval`, rounded up to whole windows."""
+    import torch
+
+    from decomposer.errors import VpdError
+    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens, run_heldout_windows
+    from decomposer.vpd.config import DecomposeConfig
+
+    _, tokenizer = bundled
+    config = DecomposeConfig.model_validate(
+        {"modules": [{"pattern": "model.layers.*.mlp.down_proj", "C": 4}], "data_dir": str(tmp_path)}
+    )  # no corpus in tmp_path: the shipped held-out sample
+    held = run_heldout_tokens(config, tokenizer)
+    windows = run_heldout_windows(config, tokenizer, n_tokens=5 * 128 + 1, seq_len=128)
+    assert windows.shape == (6, 128)
+    eval_windows = torch.cat(lm_eval_batches(held, batch_size=3, seq_len=128, n_batches=2))
+    assert torch.equal(windows, eval_windows)
+    assert torch.equal(windows[0], torch.from_numpy(held[:128].astype("int64")))
+    with pytest.raises(VpdError, match="`--tokens` must be at least 1"):
+        run_heldout_windows(config, tokenizer, n_tokens=0)

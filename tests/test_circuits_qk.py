@@ -215,8 +215,10 @@ def test_ablation_effect_matches_the_analytic_attention(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
     with pytest.raises(VpdError, match=r"`q_key` '1\.attn\.k:3' is a k subcomponent"):
         ablation_attention_effect(d, ids, "1.attn.k:3")
-    with pytest.raises(VpdError, match="malformed"):
+    with pytest.raises(VpdError, match="names no decomposed matrix; use one of"):
         resolve_component_key(d, "1.q:3")
+    with pytest.raises(VpdError, match="is not a subcomponent key"):
+        resolve_component_key(d, "1.attn.q")
     with pytest.raises(VpdError, match="C=8"):
         resolve_component_key(d, "1.attn.q:8")
 

@@ -46,12 +46,12 @@ def _top(probs, tokenizer, k: int = TOP_K) -> list[dict]:
 
 def _reference(d, tokenizer, size: int):
     """The first `size` held-out windows, as for `vpd eval`."""
-    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
+    from decomposer.vpd.batches import run_heldout_windows
 
     cfg = d.config
     context = getattr(d.model.target.config, "max_position_embeddings", None) or cfg.optim.seq_len
-    held = run_heldout_tokens(cfg, tokenizer)
-    return lm_eval_batches(held, batch_size=size, seq_len=min(cfg.optim.seq_len, context), n_batches=1)[0]
+    seq_len = min(cfg.optim.seq_len, context)
+    return run_heldout_windows(cfg, tokenizer, n_tokens=size * seq_len, seq_len=seq_len)
 
 
 def _ablate(args: argparse.Namespace) -> None:

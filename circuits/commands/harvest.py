@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,9 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     harvest = sub.add_parser("harvest", help="component statistics over held-out text: rates, tokens, examples")
     harvest.add_argument("--run", required=True, help="decomposition run folder, or `bundled`")
-    harvest.add_argument("--tokens", type=int, default=65_536, help="held-out tokens to read (default 65,536)")
+    harvest.add_argument(
+        "--tokens", type=int, default=65_536, help="held-out tokens, rounded up to whole windows (default 65,536)"
+    )
     harvest.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
     harvest.add_argument("--tau", type=float, default=0.1, help="a subcomponent fires where CI > tau (default 0.1)")
     harvest.add_argument("--out", default=None, help="folder that receives harvest/ (default: the run folder)")
@@ -38,7 +39,7 @@ def _harvest(args: argparse.Namespace) -> None:
 
     from circuits.harvest import harvest, save_harvest
     from decomposer.errors import VpdError
-    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
+    from decomposer.vpd.batches import run_heldout_windows
     from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
     from decomposer.vpd.run import read_metadata
@@ -63,11 +64,7 @@ def _harvest(args: argparse.Namespace) -> None:
         d.ci_fn.to("cuda")
     cfg = d.config
     batch_size, seq_len = args.batch_size or cfg.optim.batch_size, cfg.optim.seq_len
-    held = run_heldout_tokens(cfg, tokenizer)
-    n_batches = math.ceil(args.tokens / (batch_size * seq_len))
-    batches = lm_eval_batches(held, batch_size=batch_size, seq_len=seq_len, n_batches=n_batches)
-    if not batches:
-        raise VpdError(f"The held-out text has {len(held)} tokens, fewer than one window of {seq_len}.")
+    batches = list(run_heldout_windows(cfg, tokenizer, n_tokens=args.tokens, seq_len=seq_len).split(batch_size))
     h = harvest(d, batches, tokenizer=tokenizer, tau_fire=args.tau, progress=True)
     try:
         folder = save_harvest(h, out, progress=True)
@@ -97,7 +94,7 @@ def _harvest(args: argparse.Namespace) -> None:
         f"{h.tokens_per_s:,.0f} tokens/s on {summary['device']}"
     )
     if h.n_tokens < args.tokens:
-        print(f"(the held-out text holds {len(held):,} tokens, fewer than the {args.tokens:,} asked for)")
+        print(f"(the held-out text gave {h.n_tokens:,} tokens, fewer than the {args.tokens:,} asked for)")
     print(f"alive at CI > {h.tau_fire}: {len(h.alive):,} of {h.C_total:,} subcomponents")
     print("densest subcomponents:")
     for row in summary["densest"]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -36,7 +35,6 @@ def _qk(args: argparse.Namespace) -> None:
     import torch
 
     from circuits import qk
-    from decomposer.data.tokens import contiguous_windows
     from decomposer.errors import VpdError
     from decomposer.io import atomic_write_json
     from decomposer.vpd import batches as vpd_batches
@@ -54,12 +52,9 @@ def _qk(args: argparse.Namespace) -> None:
             f"`--layer` {args.layer} is not a block with decomposed q and k projections; use one of {shown}."
         )
     cfg = d.config
-    held = vpd_batches.run_heldout_tokens(cfg, tokenizer)
     context = getattr(d.model.target.config, "max_position_embeddings", None) or cfg.optim.seq_len
     seq_len = min(cfg.optim.seq_len, context)
-    windows = contiguous_windows(held, seq_len=seq_len - 1, max_windows=math.ceil(args.tokens / seq_len))
-    if len(windows) == 0:
-        raise VpdError(f"The held-out text is shorter than one {seq_len}-token window; build a larger corpus.")
+    windows = vpd_batches.run_heldout_windows(cfg, tokenizer, n_tokens=args.tokens, seq_len=seq_len)
     batches = list(torch.split(windows, cfg.optim.batch_size))
 
     stats = qk.firing_stats(d, batches, progress=not args.json)

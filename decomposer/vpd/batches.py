@@ -61,6 +61,36 @@ def run_heldout_tokens(config, tokenizer: PreTrainedTokenizerBase) -> np.ndarray
     return heldout_tokens(tokenizer, config.data_dir, bundled=config.target == BUNDLED)
 
 
+def run_heldout_windows(
+    config, tokenizer: PreTrainedTokenizerBase, *, n_tokens: int, seq_len: int | None = None
+) -> torch.Tensor:
+    """The first ⌈n_tokens / seq_len⌉ non-overlapping held-out windows of a run, (N, seq_len).
+
+    Every analysis cuts its held-out text here, so two commands asked for the same number of tokens read the
+    same windows (and those of `vpd eval`, which starts at the same place). Fewer windows come back when the
+    held-out text runs out.
+
+    Args:
+        config: The run's `DecomposeConfig`.
+        tokenizer: The target's tokenizer.
+        n_tokens: Tokens wanted, rounded up to whole windows.
+        seq_len: Window length; the run's `optim.seq_len` by default.
+
+    Raises:
+        VpdError: `n_tokens` below 1, or held-out text shorter than one window.
+    """
+    if n_tokens < 1:
+        raise VpdError(f"`--tokens` must be at least 1; got {n_tokens}.")
+    seq_len = seq_len or config.optim.seq_len
+    held = run_heldout_tokens(config, tokenizer)
+    windows = contiguous_windows(held, seq_len=seq_len - 1, max_windows=-(-n_tokens // seq_len))
+    if len(windows) == 0:
+        raise VpdError(
+            f"The held-out text has {len(held)} tokens, fewer than one window of {seq_len}; build a larger corpus."
+        )
+    return windows
+
+
 def train_tokens(tokenizer: PreTrainedTokenizerBase, data_dir: str | Path | None) -> np.ndarray:
     if not corpus_paths(data_dir).manifest.exists():
         raise VpdError(
