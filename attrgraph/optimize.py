@@ -308,8 +308,13 @@ def faithfulness(
     pgd_steps: int = 4,
     restarts: int = 4,
     seed: int = 0,
+    alive: dict[str, Tensor] | None = None,
 ) -> FaithfulnessReport:
     """P(y*) at t* under the unmodified model and the CI, stochastic and adversarial masks on `g` (§5).
+
+    The adversary moves the same entries as during the optimisation (§4): every entry alive on the prompt
+    under the CI network (base g > 0), so the subcomponents a graph pruned away are partially re-inserted
+    against it. Entries outside that set and Δ keep a stochastic draw per restart.
 
     Args:
         d: The decomposition.
@@ -321,6 +326,8 @@ def faithfulness(
         pgd_steps: Sign steps of size 1.0 per restart, ≥ 0.
         restarts: PGD restarts, ≥ 1.
         seed: Seeds every random draw.
+        alive: Path → bool (≥ T, C): the entries the adversary moves; by default the prompt's base alive set
+            together with the entries where `g` > 0.
 
     Returns:
         The report; `n_nodes` counts the (l, t, c) with g > 0.
@@ -336,7 +343,13 @@ def faithfulness(
         raise VpdError(f"`g` must map every decomposed path to a (≥{T}, C) tensor; paths {sorted(Cs)}, C {Cs}.")
     dtype = d.model.components(d.module_paths[0]).V.dtype
     g = {k: v[:T].detach().to(device=d.model_device, dtype=dtype) for k, v in g.items()}
-    alive = {k: v > 0 for k, v in g.items()}
+    if alive is None:
+        base = {k: sigmoid_lower(z, d.config.ci.alpha) > 0 for k, z in _base_z(d, tokens).items()}
+        alive = {k: base[k] | (v > 0) for k, v in g.items()}
+    elif set(alive) != set(Cs) or any(alive[k].shape[0] < T or alive[k].shape[1:] != g[k].shape[1:] for k in Cs):
+        raise VpdError(f"`alive` must map every decomposed path to a (≥{T}, C) bool tensor, like `g`.")
+    else:
+        alive = {k: v[:T].to(device=d.model_device, dtype=torch.bool) for k, v in alive.items()}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         logits = _logits(d.model.target(tokens))[0, target_pos]
@@ -361,5 +374,5 @@ def faithfulness(
         adversarial=math.exp(-worst),
         pgd_steps=pgd_steps,
         restarts=restarts,
-        n_nodes=sum(int(a.sum()) for a in alive.values()),
+        n_nodes=sum(int((v > 0).sum()) for v in g.values()),
     )

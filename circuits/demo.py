@@ -133,7 +133,8 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
             "files": {k: str(v) for k, v in files.items()},
         }
     adv, ci = summary["graphs"]["adversarial"]["p_adversarial"], summary["graphs"]["ci"]["p_adversarial"]
-    summary["adversarial_ratio"] = adv / max(ci, 1e-12)
+    # None when the CI-only graph's probability underflows to 0: no finite ratio to print.
+    summary["adversarial_ratio"] = adv / ci if ci > 0 else None
     summary["seconds"] = time.perf_counter() - start
     return summary
 
@@ -148,10 +149,18 @@ def format_summary(summary: dict) -> str:
             f"{name + '-pruned':<18} {g['p_target']:7.3f} {g['p_ci']:7.3f} {g['p_stochastic']:7.3f} "
             f"{g['p_adversarial']:8.4f} {g['ci_nodes']:6d} {g['pruned_nodes']:5d} n {g['pruned_edges']:5d} e"
         )
-    lines.append(
-        f"Under adversarial masks the adversarially pruned graph keeps {summary['adversarial_ratio']:.1f}× the "
-        "probability the CI-only graph keeps."
-    )
+    ratio = summary["adversarial_ratio"]
+    if ratio is None:
+        lines.append(
+            "Under adversarial masks the adversarially pruned graph keeps "
+            f"{summary['graphs']['adversarial']['p_adversarial']:.3f}; the CI-only graph keeps nothing "
+            "(its probability underflows to 0)."
+        )
+    else:
+        lines.append(
+            f"Under adversarial masks the adversarially pruned graph keeps {ratio:.3g}× the probability the "
+            "CI-only graph keeps."
+        )
     for name, g in summary["graphs"].items():
         lines.append(f"HTML ({name}): {g['files']['html']}")
     lines.append(f"{summary['seconds']:.1f} s")

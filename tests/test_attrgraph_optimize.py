@@ -117,6 +117,23 @@ def test_faithfulness_adversarial_below_stochastic_and_deterministic(setup):
     assert faithfulness(d, tokens, g, target_pos=POS, target_token=TOK, restarts=2, seed=1) == rep
 
 
+def test_faithfulness_adversary_moves_every_base_alive_entry(setup):
+    """As during the optimisation, the adversary may re-insert what a graph pruned away (§4, §5)."""
+    from decomposer.vpd.sigmoids import sigmoid_lower
+
+    d, tokens = setup
+    base = {p: sigmoid_lower(z, d.config.ci.alpha) > 0 for p, z in _base_z(d, tokens[:, : POS + 1]).items()}
+    assert sum(int(b.sum()) for b in base.values()) > 0
+    empty = {p: torch.zeros(POS + 1, C, dtype=torch.float64) for p in d.module_paths}  # a graph with no node
+    kw = dict(target_pos=POS, target_token=TOK, restarts=2, seed=3)
+    default = faithfulness(d, tokens, empty, **kw)
+    assert default == faithfulness(d, tokens, empty, alive=base, **kw)
+    still = faithfulness(d, tokens, empty, alive={p: torch.zeros_like(b) for p, b in base.items()}, **kw)
+    # Same seed, same starting draws: ascending from them can only lower P(y*), and here it does.
+    assert default.adversarial < still.adversarial
+    assert default.n_nodes == still.n_nodes == 0
+
+
 def test_optimize_is_deterministic(setup):
     d, tokens = setup
     kw = {"target_pos": POS, "target_token": TOK, "steps": 5, "lr": 0.1, "log_every": 1}

@@ -33,8 +33,11 @@ def test_demo_json_and_adversarial_beats_ci_only(tmp_path, capsys):
         assert "http://" not in html and "https://" not in html
         assert all(n in html for n in pruned.nodes)
 
-    # The bar: under adversarial masks the adversarially pruned graph keeps P(" her") at least
-    # 5x higher than the CI-only graph, whose nodes only work under the one ablation pattern it was fit to.
-    assert adv["p_adversarial"] >= 5 * ci["p_adversarial"]
-    assert summary["adversarial_ratio"] == pytest.approx(adv["p_adversarial"] / ci["p_adversarial"])
+    # Under adversarial masks the adversarially pruned graph keeps P(" her") at least 5x higher than the
+    # CI-only graph, whose nodes only work under the one ablation pattern it was fit to.
+    assert adv["p_adversarial"] > 0.1 and adv["p_adversarial"] >= 5 * ci["p_adversarial"]
+    if ci["p_adversarial"] > 0:
+        assert summary["adversarial_ratio"] == pytest.approx(adv["p_adversarial"] / ci["p_adversarial"])
+    else:
+        assert summary["adversarial_ratio"] is None
     assert adv["ci_nodes"] > ci["ci_nodes"]
