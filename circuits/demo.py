@@ -139,6 +139,11 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
     return summary
 
 
+def _probability(p: float) -> str:
+    """Eight characters: fixed point, or scientific below 1e-3 so a collapsed graph does not print 0.0000."""
+    return f"{p:8.4f}" if p >= 1e-3 or p == 0 else f"{p:8.1e}"
+
+
 def format_summary(summary: dict) -> str:
     lines = [
         f"{summary['prompt']!r}: P({summary['target']!r}) after position {summary['target_pos']}",
@@ -147,7 +152,7 @@ def format_summary(summary: dict) -> str:
     for name, g in summary["graphs"].items():
         lines.append(
             f"{name + '-pruned':<18} {g['p_target']:7.3f} {g['p_ci']:7.3f} {g['p_stochastic']:7.3f} "
-            f"{g['p_adversarial']:8.4f} {g['ci_nodes']:6d} {g['pruned_nodes']:5d} n {g['pruned_edges']:5d} e"
+            f"{_probability(g['p_adversarial'])} {g['ci_nodes']:6d} {g['pruned_nodes']:5d} n {g['pruned_edges']:5d} e"
         )
     ratio = summary["adversarial_ratio"]
     if ratio is None:
