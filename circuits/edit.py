@@ -530,10 +530,10 @@ def heldout_windows(
     Raises:
         VpdError: No held-out text is available, or too little is left for the LoRA part.
     """
-    from decomposer.vpd.batches import run_heldout_windows
+    from decomposer.vpd.batches import heldout_seq_len, run_heldout_windows
 
     cfg = d.config
-    seq_len = min(cfg.optim.seq_len, getattr(d.model.target.config, "max_position_embeddings", cfg.optim.seq_len))
+    seq_len = heldout_seq_len(cfg, d.model.target)
     n_eval = max(1, math.ceil(eval_tokens / seq_len))
     n_lora = math.ceil(lora_tokens / seq_len) if lora_tokens > 0 else 0
     windows = run_heldout_windows(cfg, tokenizer, n_tokens=(n_eval + n_lora) * seq_len, seq_len=seq_len)

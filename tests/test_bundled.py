@@ -72,7 +72,7 @@ def test_heldout_windows_are_the_evaluation_windows(bundled, tmp_path):
     import torch
 
     from decomposer.errors import VpdError
-    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens, run_heldout_windows
+    from decomposer.vpd.batches import heldout_seq_len, lm_eval_batches, run_heldout_tokens, run_heldout_windows
     from decomposer.vpd.config import DecomposeConfig
 
     _, tokenizer = bundled
@@ -87,3 +87,8 @@ def test_heldout_windows_are_the_evaluation_windows(bundled, tmp_path):
     assert torch.equal(windows[0], torch.from_numpy(held[:128].astype("int64")))
     with pytest.raises(VpdError, match="`--tokens` must be at least 1"):
         run_heldout_windows(config, tokenizer, n_tokens=0)
+
+    model, _ = bundled  # context 256: longer run windows are cut to it, shorter ones kept
+    assert heldout_seq_len(config, model) == config.optim.seq_len == 128
+    long = config.model_copy(update={"optim": config.optim.model_copy(update={"seq_len": 1024})})
+    assert heldout_seq_len(long, model) == model.config.max_position_embeddings == 256

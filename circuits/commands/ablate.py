@@ -46,12 +46,10 @@ def _top(probs, tokenizer, k: int = TOP_K) -> list[dict]:
 
 def _reference(d, tokenizer, size: int):
     """The first `size` held-out windows, as for `vpd eval`."""
-    from decomposer.vpd.batches import run_heldout_windows
+    from decomposer.vpd.batches import heldout_seq_len, run_heldout_windows
 
-    cfg = d.config
-    context = getattr(d.model.target.config, "max_position_embeddings", None) or cfg.optim.seq_len
-    seq_len = min(cfg.optim.seq_len, context)
-    return run_heldout_windows(cfg, tokenizer, n_tokens=size * seq_len, seq_len=seq_len)
+    seq_len = heldout_seq_len(d.config, d.model.target)
+    return run_heldout_windows(d.config, tokenizer, n_tokens=size * seq_len, seq_len=seq_len)
 
 
 def _ablate(args: argparse.Namespace) -> None:

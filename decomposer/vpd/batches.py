@@ -61,6 +61,12 @@ def run_heldout_tokens(config, tokenizer: PreTrainedTokenizerBase) -> np.ndarray
     return heldout_tokens(tokenizer, config.data_dir, bundled=config.target == BUNDLED)
 
 
+def heldout_seq_len(config, target) -> int:
+    """The run's `optim.seq_len`, capped at the target's context (`config.max_position_embeddings`) when it has one."""
+    context = getattr(getattr(target, "config", None), "max_position_embeddings", None)
+    return min(config.optim.seq_len, context) if context else config.optim.seq_len
+
+
 def run_heldout_windows(
     config, tokenizer: PreTrainedTokenizerBase, *, n_tokens: int, seq_len: int | None = None
 ) -> torch.Tensor:
