@@ -181,6 +181,11 @@ def _base_z(d: Decomposition, tokens: Tensor) -> dict[str, Tensor]:
         return {p: z[0] for p, z in d.ci_fn(xs, acts).items()}
 
 
+def base_alive(d: Decomposition, tokens: Tensor) -> dict[str, Tensor]:
+    """Path → bool (T, C): the entries alive on the prompt under the CI network (g > 0), where the adversary acts."""
+    return {p: sigmoid_lower(z, d.config.ci.alpha) > 0 for p, z in _base_z(d, tokens).items()}
+
+
 @_frozen_components
 def optimize_ci(
     d: Decomposition,
@@ -344,7 +349,7 @@ def faithfulness(
     dtype = d.model.components(d.module_paths[0]).V.dtype
     g = {k: v[:T].detach().to(device=d.model_device, dtype=dtype) for k, v in g.items()}
     if alive is None:
-        base = {k: sigmoid_lower(z, d.config.ci.alpha) > 0 for k, z in _base_z(d, tokens).items()}
+        base = base_alive(d, tokens)
         alive = {k: base[k] | (v > 0) for k, v in g.items()}
     elif set(alive) != set(Cs) or any(alive[k].shape[0] < T or alive[k].shape[1:] != g[k].shape[1:] for k in Cs):
         raise VpdError(f"`alive` must map every decomposed path to a (≥{T}, C) bool tensor, like `g`.")

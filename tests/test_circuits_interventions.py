@@ -12,11 +12,11 @@ from torch import nn
 from attrgraph.nodes import NodeId
 from attrgraph.optimize import faithfulness
 from circuits.cli import main
+from circuits.faithfulness import circuit_faithfulness
 from circuits.interventions import (
     Intervention,
     Site,
     ablate,
-    circuit_faithfulness,
     generate,
     generate_ids,
     intervene,
@@ -357,6 +357,34 @@ def test_whole_alive_set_matches_the_graph_report(d, ids):
         lq = d.model(tokens, masks={p: v[None] for p, v in g.items()}).logits[0, T - 1].log_softmax(-1)
     lp = direct.target_logits[0, T - 1].log_softmax(-1)
     assert res.kl.ci.item() == pytest.approx(float((lp.exp() * (lp - lq)).sum()), rel=1e-10)
+
+
+def test_every_alive_entry_as_a_circuit_reports_the_graph_numbers_in_all_three_modes(d, ids):
+    """Same seed, same draw order: the circuit of the whole alive set is scored exactly as `faithfulness`."""
+    tokens = ids[:1]
+    with torch.no_grad():
+        _, xs = d.model.forward_with_inputs(tokens)
+        g = {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
+    alive = [str(NodeId.comp(p, c, t)) for p, v in g.items() for t, c in (v > 0).nonzero().tolist()]
+    res = circuit_faithfulness(d, tokens, alive, T - 1, 3, n_samples=64, restarts=2, seed=5)
+    report = faithfulness(d, tokens, g, target_pos=T - 1, target_token=3, n_samples=64, restarts=2, seed=5)
+    for mode in ("ci", "stochastic", "adversarial"):
+        assert getattr(res.p, mode).item() == pytest.approx(getattr(report, mode), rel=1e-12)
+        assert getattr(res.graph, mode).item() == pytest.approx(getattr(report, mode), rel=1e-12)
+
+
+def test_adversary_reaches_base_alive_entries_that_a_given_ci_dropped(d, ids):
+    """With a given CI that zeroes an entry alive under the CI network, the adversary still moves that entry."""
+    tokens = ids[:1]
+    with torch.no_grad():
+        _, xs = d.model.forward_with_inputs(tokens)
+        base = {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
+    dropped = {p: torch.zeros_like(v) for p, v in base.items()}  # every entry pruned: only the adversary acts
+    kwargs = {"n_samples": 16, "restarts": 2, "seed": 1, "pgd_step_size": 0.1}
+    passive = circuit_faithfulness(d, tokens, [], T - 1, 3, ci=dropped, pgd_steps=0, **kwargs)
+    attacked = circuit_faithfulness(d, tokens, [], T - 1, 3, ci=dropped, pgd_steps=4, **kwargs)
+    assert int(attacked.n_alive) == 0
+    assert attacked.p.adversarial.item() < passive.p.adversarial.item() - 1e-6
 
 
 def test_adversary_lowers_a_partial_circuit_and_rows_are_independent(d, ids):
