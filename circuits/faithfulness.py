@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 
 from attrgraph.nodes import NodeId
+from circuits.interventions import _check_ids, _log_probs, _logits, _readout, resolve_sites
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
-
-from circuits.interventions import _check_ids, _log_probs, _logits, _readout, resolve_sites
 
 
 class PerMode(NamedTuple):
@@ -160,7 +159,8 @@ def _row(
 
     def attack(gg: dict[str, Tensor], r: dict[str, Tensor], delta: dict[str, Tensor]):
         return pgd_sources(
-            d, tokens, gg, alive, r, delta, target_pos=t_star, target_token=y, n_steps=pgd_steps, step_size=pgd_step_size
+            d, tokens, gg, alive, r, delta,
+            target_pos=t_star, target_token=y, n_steps=pgd_steps, step_size=pgd_step_size,
         )  # fmt: skip
 
     worst, graph_worst, out["kl_adversarial"] = -math.inf, -math.inf, math.nan
