@@ -177,6 +177,20 @@ def test_fresh_pgd_probe_stays_in_box_and_is_reproducible(toy):
     assert l3 == l1
 
 
+def test_fresh_pgd_records_every_iterate_so_one_run_answers_shorter_ones(toy):
+    """`vpd eval` reads 20, 40 and 80 steps from one run: iterate n equals an n-step run from the same draw."""
+    Cs, g, loss_fn = toy
+
+    def run(n, **kw):
+        return fresh_pgd(loss_fn, g, Cs, n_steps=n, step_size=0.1, generator=torch.Generator().manual_seed(4), **kw)
+
+    losses: list[float] = []
+    _, _, final = run(5, losses=losses)
+    assert len(losses) == 6 and losses[-1] == final
+    for n in (0, 2, 3):
+        assert losses[n] == pytest.approx(run(n)[2], rel=1e-6)
+
+
 def test_training_step_ascends_along_the_adversarial_loss_gradient(monkeypatch):
     """The step's single backward hands PPGD exactly ∂L_adv/∂s, as a separate autograd pass would."""
     import copy

@@ -161,8 +161,9 @@ def write_lm_config(path, model_dir, data_dir, **extra):
 def test_cli_decompose_then_eval(micro_target, micro_data_dir, tmp_path, capsys):
     config = write_lm_config(tmp_path / "c.yaml", micro_target, micro_data_dir)
     assert main(["decompose", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
-    assert main(["eval", "--run", str(tmp_path / "run"), "--json"]) == 0
+    assert main(["eval", "--run", str(tmp_path / "run"), "--json", "--pgd-steps", "3", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(report["pgd"]) == ["1", "3"]  # one 3-step run, read after 1 and 3 steps
     assert set(report["modes"]) == {
         "unmasked",
         "stochastic",
@@ -175,11 +176,13 @@ def test_cli_decompose_then_eval(micro_target, micro_data_dir, tmp_path, capsys)
     }
     assert report["C_total"] == 2 * (4 * 6 + 3 * 8)
     assert report["modes"]["unmasked"]["with_delta"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert set(report["pgd"]) == {"2"}
     assert (tmp_path / "run" / "eval.json").exists()
     assert main(["eval", "--run", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
     assert "rounded_0.5" in table and "fresh shared-source PGD KL" in table
+    assert "2 steps" in table and "20 steps" in table and "80 steps" in table  # the config's and the method's
+    assert main(["eval", "--run", str(tmp_path / "run"), "--pgd-steps", "-1"]) == 2
+    assert "`--pgd-steps` must be step counts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -298,6 +298,7 @@ def fresh_pgd(
     leading_ndim: int | None = None,
     reduce_grad: Callable[[Tensor], Tensor] | None = None,
     sources: Mapping[str, Tensor] | None = None,
+    losses: list[float] | None = None,
 ) -> tuple[Masks, Masks, float]:
     """Fresh PGD: re-drawn sources, `n_steps` of s ← clamp(s + step_size·sign(∇s), 0, 1).
 
@@ -312,6 +313,8 @@ def fresh_pgd(
         leading_ndim: Leading dims of shared sources; None takes `g`'s (2 for (B, T, C), 1 for toys).
         reduce_grad: Applied to every source gradient before the sign, e.g. a DDP all-reduce (AVG).
         sources: Initial sources to use instead of drawing them (e.g. broadcast from rank 0); not modified.
+        losses: When given, the loss at every iterate 0 … n_steps is appended to it (the last is `final_loss`),
+            so one run of n steps also answers every shorter run from the same draw.
 
     Returns:
         `(masks, delta_masks, final_loss)`: masks from the final, detached sources and the *live* `g`,
@@ -333,6 +336,8 @@ def fresh_pgd(
     with torch.enable_grad():  # the eval probe runs under no_grad
         for _ in range(n_steps):
             loss = model_fn(*sources_to_masks(g_detached, sources))
+            if losses is not None:
+                losses.append(float(loss.detach()))
             grads = _grad_list(loss, source_list)
             with torch.no_grad():
                 for s, grad in zip(source_list, grads, strict=True):
@@ -342,4 +347,6 @@ def fresh_pgd(
     masks, delta_masks = sources_to_masks(g, final)
     with torch.no_grad():
         final_loss = float(model_fn(masks, delta_masks))
+    if losses is not None:
+        losses.append(final_loss)
     return masks, delta_masks, final_loss

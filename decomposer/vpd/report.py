@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from decomposer.errors import VpdError
@@ -22,8 +23,20 @@ def resolve_run(run: str | Path) -> Path:
     return Path(run)
 
 
-def evaluate_run(run: str | Path, *, n_batches: int | None = None) -> dict:
-    """Evaluate a saved run against its target on held-out batches; writes `<run>/eval.json` when writable."""
+FINAL_PGD_STEPS = (20, 40, 80)  # method.md's PGD probe; a config may add counts for its in-training evaluations
+
+
+def evaluate_run(run: str | Path, *, n_batches: int | None = None, pgd_steps: Sequence[int] | None = None) -> dict:
+    """Evaluate a saved run against its target on held-out batches; writes `<run>/eval.json` when writable.
+
+    Args:
+        run: A run folder, or `bundled`.
+        n_batches: Held-out batches; default the config's `eval.batches`.
+        pgd_steps: PGD step counts; default 20, 40 and 80 together with the config's `eval.pgd_steps`.
+
+    Raises:
+        VpdError: A count below its minimum, or a run that cannot be loaded.
+    """
     from decomposer.target.loading import load_target
     from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
 
@@ -34,11 +47,14 @@ def evaluate_run(run: str | Path, *, n_batches: int | None = None) -> dict:
     cfg = d.config
     if n_batches is not None and n_batches < 1:
         raise VpdError(f"`--batches` must be at least 1; got {n_batches}.")
+    if pgd_steps is not None and (not pgd_steps or min(pgd_steps) < 0):
+        raise VpdError(f"`--pgd-steps` must be step counts ≥ 0, e.g. `--pgd-steps 20 40 80`; got {list(pgd_steps)}.")
+    steps = sorted(set(pgd_steps) if pgd_steps is not None else {*FINAL_PGD_STEPS, *cfg.eval.pgd_steps})
     held = run_heldout_tokens(cfg, tokenizer)
     batches = lm_eval_batches(
         held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=n_batches or cfg.eval.batches
     )
-    report = evaluate(d, batches, pgd_steps=cfg.eval.pgd_steps, pgd_step_size=cfg.eval.pgd_step_size)
+    report = evaluate(d, batches, pgd_steps=steps, pgd_step_size=cfg.eval.pgd_step_size)
     report["run"] = str(run_dir)
     report["step"] = meta["step"]
     if str(run) != "bundled":  # the shipped eval.json is the one recorded when the run was bundled
