@@ -5,7 +5,7 @@ import json
 import pytest
 
 from decomposer.target import load_target
-from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
+from decomposer.vpd.batches import run_eval_batches
 from decomposer.vpd.bundle import bundled_run_path
 from decomposer.vpd.evaluate import evaluate
 from decomposer.vpd.run import EVAL_FILE, load_decomposition
@@ -21,12 +21,7 @@ def test_bundled_run_meets_the_quality_bars_on_its_held_out_text():
     """Recomputed here on the default evaluation batches, not read back from the shipped eval.json."""
     target, tokenizer = load_target("bundled")
     d, _, _ = load_decomposition(bundled_run_path(), target)
-    cfg = d.config
-    held = run_heldout_tokens(cfg, tokenizer)
-    batches = lm_eval_batches(
-        held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=cfg.eval.batches
-    )
-    report = evaluate(d, batches, modes=("unmasked", "stochastic", "ci"), pgd_steps=(20,))
+    report = evaluate(d, run_eval_batches(d.config, tokenizer), modes=("unmasked", "stochastic", "ci"), pgd_steps=(20,))
     gap = {mode: report["modes"][mode]["no_delta"]["ce_difference"] for mode in ("unmasked", "stochastic", "ci")}
     assert gap["stochastic"] < 0.3
     assert gap["ci"] < 0.5

@@ -110,3 +110,13 @@ def lm_eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batc
     """The first `n_batches` batches of non-overlapping held-out windows of `seq_len` tokens."""
     windows = contiguous_windows(tokens, seq_len=seq_len - 1, max_windows=batch_size * n_batches)
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+def run_eval_batches(config, tokenizer: PreTrainedTokenizerBase, n_batches: int | None = None) -> list[torch.Tensor]:
+    """A run's evaluation batches: held-out windows of `optim.seq_len`, `eval.batches` of them by default."""
+    return lm_eval_batches(
+        run_heldout_tokens(config, tokenizer),
+        batch_size=config.optim.batch_size,
+        seq_len=config.optim.seq_len,
+        n_batches=n_batches or config.eval.batches,
+    )

@@ -38,7 +38,7 @@ def evaluate_run(run: str | Path, *, n_batches: int | None = None, pgd_steps: Se
         VpdError: A count below its minimum, or a run that cannot be loaded.
     """
     from decomposer.target.loading import load_target
-    from decomposer.vpd.batches import lm_eval_batches, run_heldout_tokens
+    from decomposer.vpd.batches import run_eval_batches
 
     run_dir = resolve_run(run)
     _, meta = read_metadata(run_dir)
@@ -50,10 +50,7 @@ def evaluate_run(run: str | Path, *, n_batches: int | None = None, pgd_steps: Se
     if pgd_steps is not None and (not pgd_steps or min(pgd_steps) < 0):
         raise VpdError(f"`--pgd-steps` must be step counts ≥ 0, e.g. `--pgd-steps 20 40 80`; got {list(pgd_steps)}.")
     steps = sorted(set(pgd_steps) if pgd_steps is not None else {*FINAL_PGD_STEPS, *cfg.eval.pgd_steps})
-    held = run_heldout_tokens(cfg, tokenizer)
-    batches = lm_eval_batches(
-        held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=n_batches or cfg.eval.batches
-    )
+    batches = run_eval_batches(cfg, tokenizer, n_batches)
     report = evaluate(d, batches, pgd_steps=steps, pgd_step_size=cfg.eval.pgd_step_size)
     report["run"] = str(run_dir)
     report["step"] = meta["step"]

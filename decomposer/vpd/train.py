@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from decomposer.errors import VpdError
 from decomposer.io import resolve_atomic_dir
 from decomposer.optim_state import load_optimizer_tensors, optimizer_tensors
-from decomposer.vpd.batches import BatchFn, lm_eval_batches, lm_train_batches, run_heldout_tokens, train_tokens
+from decomposer.vpd.batches import BatchFn, lm_train_batches, run_eval_batches, train_tokens
 from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.run import METRICS_FILE, STATE_DIR, Decomposition, load_decomposition, save_state
 from decomposer.vpd.step import StepLog, Trainer, faithfulness_warmup
@@ -142,10 +142,7 @@ def decompose(
                 world_size=world,
             )
         if eval_batches is None:
-            held = run_heldout_tokens(cfg, tokenizer)
-            eval_batches = lm_eval_batches(
-                held, batch_size=cfg.optim.batch_size, seq_len=cfg.optim.seq_len, n_batches=cfg.eval.batches
-            )
+            eval_batches = run_eval_batches(cfg, tokenizer)
         n_ref = cfg.optim.batch_size * cfg.optim.seq_len
     else:
         if batches is None:
