@@ -84,13 +84,22 @@ class CircuitFaithfulness:
         return out
 
 
-def _row_ci(d: Decomposition, tokens: Tensor, ci: dict[str, Tensor] | None, b: int, B: int) -> dict[str, Tensor]:
-    """Path → (L, C) CI of row b on its first L = t* + 1 tokens: given, or from the CI network."""
+def _row_ci(
+    d: Decomposition, tokens: Tensor, ci: dict[str, Tensor] | None, b: int, B: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Path → (L, C) CI of row b on its first L = t* + 1 tokens, and the alive entries the adversary moves.
+
+    The CI is given, or the CI network's; alive is the network's g > 0 together with the given CI's g > 0, so
+    without a given CI the one network forward serves both.
+    """
+    from attrgraph.optimize import base_alive
+
     L = tokens.shape[1]
     if ci is None:
         with torch.no_grad():
             _, xs = d.model.forward_with_inputs(tokens)
-            return {p: g[0].detach() for p, g in d.causal_importance(xs)[0].items()}
+            g = {p: v[0].detach() for p, v in d.causal_importance(xs)[0].items()}
+        return g, {p: v > 0 for p, v in g.items()}
     out = {}
     for p, C in d.Cs.items():
         g = ci.get(p)
@@ -104,13 +113,15 @@ def _row_ci(d: Decomposition, tokens: Tensor, ci: dict[str, Tensor] | None, b: i
                 f"covering t*; {p!r} (C={C}) has {None if p not in ci else tuple(ci[p].shape)}."
             )
         out[p] = g[:L].detach().to(device=d.model_device, dtype=d.model.components(p).V.dtype)
-    return out
+    base = base_alive(d, tokens)
+    return out, {p: base[p] | (v > 0) for p, v in out.items()}
 
 
 def _row(
     d: Decomposition,
     tokens: Tensor,
     g: dict[str, Tensor],
+    alive: dict[str, Tensor],
     inside: dict[str, Tensor],
     ref: Tensor,
     y: int,
@@ -122,15 +133,15 @@ def _row(
 ) -> dict[str, float]:
     """The numbers of `circuit_faithfulness` for one (1, t* + 1) prompt; `ref` is the target's log-probs at t*.
 
+    `alive` holds the entries the adversary moves (see `_row_ci`).
+
     Draws are taken in the order `attrgraph.optimize.faithfulness` takes them (stochastic chunks, then one
     draw per restart), so equal seeds give equal numbers for the whole graph.
     """
-    from attrgraph.optimize import STOCH_CHUNK, base_alive, pgd_sources, uniform_sources
+    from attrgraph.optimize import STOCH_CHUNK, pgd_sources, uniform_sources
 
     t_star = tokens.shape[1] - 1
     g_c = {p: g[p] * inside[p] for p in g}
-    base = base_alive(d, tokens)
-    alive = {p: base[p] | (g[p] > 0) for p in g}
 
     def log_probs(masks: dict[str, Tensor], deltas: dict[str, Tensor] | None) -> Tensor:
         n = next(iter(masks.values())).shape[0]
@@ -228,13 +239,13 @@ def circuit_faithfulness(
     for b in tqdm(range(B), desc="circuit-faithfulness", disable=not progress):
         t_star, y = int(pos[b]), int(tok[b])
         tokens = ids[b : b + 1, : t_star + 1]
-        g = _row_ci(d, tokens, ci, b, B)
+        g, alive = _row_ci(d, tokens, ci, b, B)
         inside = {p: torch.zeros_like(v, dtype=torch.bool) for p, v in g.items()}
         for s in sites:
             if s.pos is None or s.pos <= t_star:
                 inside[s.path][slice(None) if s.pos is None else s.pos, s.index] = True
         ref = _log_probs(target_logits[b, t_star])
-        rows.append(_row(d, tokens, g, inside, ref, y, gen, n_samples, pgd_steps, pgd_step_size, restarts))
+        rows.append(_row(d, tokens, g, alive, inside, ref, y, gen, n_samples, pgd_steps, pgd_step_size, restarts))
 
     def col(key: str) -> Tensor:
         return torch.tensor([r[key] for r in rows], dtype=torch.float64)

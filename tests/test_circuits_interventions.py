@@ -338,11 +338,16 @@ def test_whole_circuit_on_an_exact_decomposition_reproduces_the_target():
     assert int(empty.n_circuit) == 0 and int(empty.n_alive) == T * 16 * len(d.module_paths)
 
 
-def test_whole_alive_set_matches_the_graph_report(d, ids):
-    tokens = ids[:1]
+def _network_ci(d, tokens):
+    """Path → (T, C) CI of the CI network on one (1, T) prompt."""
     with torch.no_grad():
         _, xs = d.model.forward_with_inputs(tokens)
-        g = {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
+        return {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
+
+
+def test_whole_alive_set_matches_the_graph_report(d, ids):
+    tokens = ids[:1]
+    g = _network_ci(d, tokens)
     alive = [str(NodeId.comp(p, c, t)) for p, v in g.items() for t, c in (v > 0).nonzero().tolist()]
     assert 0 < len(alive) < T * C * len(d.module_paths)  # a mixed alive set
     res = circuit_faithfulness(d, tokens, [*alive, "emb@0", f"logit/3@{T - 1}"], T - 1, 3, n_samples=16)
@@ -362,9 +367,7 @@ def test_whole_alive_set_matches_the_graph_report(d, ids):
 def test_every_alive_entry_as_a_circuit_reports_the_graph_numbers_in_all_three_modes(d, ids):
     """Same seed, same draw order: the circuit of the whole alive set is scored exactly as `faithfulness`."""
     tokens = ids[:1]
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(tokens)
-        g = {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
+    g = _network_ci(d, tokens)
     alive = [str(NodeId.comp(p, c, t)) for p, v in g.items() for t, c in (v > 0).nonzero().tolist()]
     res = circuit_faithfulness(d, tokens, alive, T - 1, 3, n_samples=64, restarts=2, seed=5)
     report = faithfulness(d, tokens, g, target_pos=T - 1, target_token=3, n_samples=64, restarts=2, seed=5)
@@ -376,10 +379,8 @@ def test_every_alive_entry_as_a_circuit_reports_the_graph_numbers_in_all_three_m
 def test_adversary_reaches_base_alive_entries_that_a_given_ci_dropped(d, ids):
     """With a given CI that zeroes an entry alive under the CI network, the adversary still moves that entry."""
     tokens = ids[:1]
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(tokens)
-        base = {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
-    dropped = {p: torch.zeros_like(v) for p, v in base.items()}  # every entry pruned: only the adversary acts
+    assert any(v.any() for v in _network_ci(d, tokens).values())  # entries alive under the CI network exist
+    dropped = {p: torch.zeros(T, c, dtype=torch.float64) for p, c in d.Cs.items()}  # every entry pruned
     kwargs = {"n_samples": 16, "restarts": 2, "seed": 1, "pgd_step_size": 0.1}
     passive = circuit_faithfulness(d, tokens, [], T - 1, 3, ci=dropped, pgd_steps=0, **kwargs)
     attacked = circuit_faithfulness(d, tokens, [], T - 1, 3, ci=dropped, pgd_steps=4, **kwargs)
