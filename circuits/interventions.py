@@ -252,6 +252,21 @@ def _draw_indices(seed: int, rows: int, positions: Tensor, n_ref: int) -> Tensor
     return out
 
 
+def _cache_length(args: tuple, kwargs: dict) -> int:
+    """Tokens already in the KV cache passed to a forward call (0 without one).
+
+    The cache is found by what it is, not by its keyword: transformers < 5.24 passes it as `past_key_values`,
+    5.24 and later as `cache`, and older releases also passed `cache_position`, which newer ones dropped.
+    """
+    for value in (*kwargs.values(), *args):
+        if hasattr(value, "get_seq_length"):
+            return int(value.get_seq_length())
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    return 0
+
+
 class _Positions:
     """Absolute positions of the current forward, set by a pre-hook on the target (KV caches shift them)."""
 
@@ -259,8 +274,7 @@ class _Positions:
         self.offset: int | None = None
 
     def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        self.offset = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        self.offset = _cache_length(args, kwargs)
 
     def post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         self.offset = None

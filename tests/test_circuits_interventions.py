@@ -272,13 +272,15 @@ def test_generate_under_a_no_op_equals_plain_greedy(d, ids):
         assert torch.equal(generate_ids(d, ids, noop, max_new_tokens=6), plain)
 
 
-@pytest.mark.parametrize("kind", ["zero", "resample"])
-def test_generate_with_a_kv_cache_equals_full_forwards(d, ids, kind):
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "no-cache"])
+@pytest.mark.parametrize("kind", ["zero", "scale", "mean", "resample"])
+def test_generate_with_a_kv_cache_equals_full_forwards(d, ids, kind, use_cache):
     # Sites at a generated position and at every position: the KV cache must not shift positions.
     reference = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
     nodes = [_key(Q1, 3), _key(Q0, 5, 1), *(_key(DOWN1, c, t) for c in range(C) for t in (T - 1, T + 1, T + 2))]
-    extra = {"reference": reference} if kind == "resample" else {}
-    out = generate_ids(d, ids, Intervention(nodes, kind, **extra), max_new_tokens=4)
+    extra = {"reference": reference} if kind in ("mean", "resample") else {"scale": -2.0} if kind == "scale" else {}
+    iv = Intervention(nodes, kind, **extra)
+    out = generate_ids(d, ids, iv, max_new_tokens=4, use_cache=use_cache)
     seq = ids
     for _ in range(4):
         logits = ablate(
@@ -286,7 +288,8 @@ def test_generate_with_a_kv_cache_equals_full_forwards(d, ids, kind):
         )
         seq = torch.cat([seq, logits.logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
-    assert not torch.equal(out, generate_ids(d, ids, (), max_new_tokens=4))
+    # The intervention is not a no-op on the generated text: it moves the logits at every step.
+    assert logits.kl[:, T - 1 :].min() > 1e-6
 
 
 def test_generate_text_round_trip(d):
