@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from decomposer.architectures import matrix_role
 from decomposer.errors import VpdError
 
 NodeKind = Literal["comp", "emb", "logit", "delta"]
@@ -141,63 +142,17 @@ class NodeId:
         raise VpdError(f"Node id {s!r} is not a canonical id; expected one of {_FORMS}.")
 
 
-# Suffix rules for the three supported HF families. The prefix before the block index is free, so
-# wrapped models (`base_model.model.model.layers.0...`) are recognised too.
-_SHORT_NAME_RULES: tuple[tuple[re.Pattern[str], dict[str, tuple[str, str]]], ...] = (
-    (  # Llama, Mistral, Qwen and other Llama-style models.
-        re.compile(r"(?:.+\.)?layers\.([0-9]+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"),
-        {
-            "self_attn.q_proj": ("attn", "q"),
-            "self_attn.k_proj": ("attn", "k"),
-            "self_attn.v_proj": ("attn", "v"),
-            "self_attn.o_proj": ("attn", "o"),
-            "mlp.gate_proj": ("mlp", "gate"),
-            "mlp.up_proj": ("mlp", "up"),
-            "mlp.down_proj": ("mlp", "down"),
-        },
-    ),
-    (  # GPT-2 (Conv1D projections).
-        re.compile(r"(?:.+\.)?h\.([0-9]+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"),
-        {
-            "attn.c_attn": ("attn", "qkv"),
-            "attn.c_proj": ("attn", "o"),
-            "mlp.c_fc": ("mlp", "up"),
-            "mlp.c_proj": ("mlp", "down"),
-        },
-    ),
-    (  # GPT-NeoX / Pythia.
-        re.compile(
-            r"(?:.+\.)?layers\.([0-9]+)\.(attention\.query_key_value|attention\.dense|mlp\.dense_h_to_4h|mlp\.dense_4h_to_h)"
-        ),
-        {
-            "attention.query_key_value": ("attn", "qkv"),
-            "attention.dense": ("attn", "o"),
-            "mlp.dense_h_to_4h": ("mlp", "up"),
-            "mlp.dense_4h_to_h": ("mlp", "down"),
-        },
-    ),
-)
-
-
 def module_short_name(module: str) -> tuple[int, str, str]:
-    """Map an HF module path to (block, "attn" | "mlp", short name).
+    """Map an HF module path to (block, "attn" | "mlp", short name), through the architecture registry.
 
-    Short names are q, k, v, qkv, o, gate, up and down, e.g. `model.layers.3.self_attn.q_proj` →
-    (3, "attn", "q"), `transformer.h.1.mlp.c_fc` → (1, "mlp", "up") and
+    Short names are the matrix roles q, k, v, qkv, o, gate, up, gate_up and down, e.g.
+    `model.layers.3.self_attn.q_proj` → (3, "attn", "q"), `transformer.h.1.mlp.c_fc` → (1, "mlp", "up") and
     `gpt_neox.layers.0.attention.query_key_value` → (0, "attn", "qkv").
 
     Raises:
-        VpdError: If `module` is not a projection of a Llama-style, GPT-2 or GPT-NeoX block.
+        VpdError: If `module` is not an attention or MLP matrix of a supported family.
     """
-    for pattern, names in _SHORT_NAME_RULES:
-        match = pattern.fullmatch(module) if isinstance(module, str) else None
-        if match is not None:
-            sublayer, short = names[match.group(2)]
-            return int(match.group(1)), sublayer, short
-    raise VpdError(
-        f"`module` {module!r} is not a Llama, GPT-2 or GPT-NeoX projection; expected a path such as "
-        "model.layers.3.self_attn.q_proj, transformer.h.1.mlp.c_fc or gpt_neox.layers.0.attention.dense."
-    )
+    return matrix_role(module)
 
 
 def short_label(node: NodeId) -> str:
@@ -208,7 +163,7 @@ def short_label(node: NodeId) -> str:
     - emb: `emb:{t}`, e.g. `emb:0`;
     - logit: `logit:{token_id}@{t}`, e.g. `logit:1234@5`.
 
-    `sublayer` is attn or mlp and `short` one of q, k, v, qkv, o, gate, up, down.
+    `sublayer` is attn or mlp and `short` one of q, k, v, qkv, o, gate, up, gate_up, down.
 
     Raises:
         VpdError: If a comp or delta node's module is not recognised by `module_short_name`.
@@ -225,7 +180,7 @@ def short_label(node: NodeId) -> str:
 
 # Rendering grid rows within one block, bottom to top. Short names in one tuple share a row: the
 # q, k, v (or fused qkv) reads happen in parallel, as do gate and up.
-ROW_ORDER: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",))
+ROW_ORDER: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 ROWS_PER_BLOCK = len(ROW_ORDER)
 _ROW_OF_SHORT = {short: i for i, shorts in enumerate(ROW_ORDER) for short in shorts}
 

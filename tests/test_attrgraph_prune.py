@@ -104,7 +104,7 @@ def test_module_short_name(module: str, expected: tuple[int, str, str]) -> None:
     "module", ["model.layers.3.self_attn", "model.layers.x.mlp.up_proj", "lm_head", "model.layers.3.mlp.up_proj.lora"]
 )
 def test_module_short_name_rejects(module: str) -> None:
-    with pytest.raises(VpdError, match=r"`module` .* is not a Llama, GPT-2 or GPT-NeoX projection"):
+    with pytest.raises(VpdError, match=r"`module` .* is not an attention or MLP matrix of a supported family"):
         module_short_name(module)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from decomposer.configio import load_yaml_config
-from decomposer.vpd.targets import ModuleSpec
+from decomposer.vpd.targets import AutoModules, ModuleSpec
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -99,7 +99,10 @@ class DecomposeConfig(_Frozen):
     """A VPD run: the target, which matrices to decompose with which C, and how to train."""
 
     target: str = Field("bundled", description="`bundled`, a local model folder, or a hub id.")
-    modules: tuple[ModuleSpec, ...] = Field(description="Glob patterns over module paths, each with its C.")
+    modules: tuple[ModuleSpec, ...] | Literal["auto"] | AutoModules = Field(
+        description="Glob patterns over module paths, each with its C; or `auto` (every attention and MLP "
+        "matrix, C from the paper's ratios to d_model), optionally `{auto: true, C: {role: C}, scale: s}`."
+    )
     ci: CIConfig = Field(default_factory=CIConfig, description="Causal-importance function.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Losses.")
     adversary: AdversaryConfig = Field(default_factory=AdversaryConfig, description="Adversary.")

@@ -1,7 +1,9 @@
 """Which weight matrices of a target are decomposed, and how their weights are read.
 
 Modules are chosen by `fnmatch` glob patterns over the paths that `model.named_modules()` yields,
-one C per pattern (method.md §2). Only `nn.Linear` and HF's `Conv1D` (GPT-2) are eligible. `Conv1D`
+one C per pattern (method.md §2), or by `auto`: every attention and MLP matrix that the target's
+architecture adapter names (`decomposer.architectures`), with C from the paper's ratios to d_model.
+A pattern without C also takes its matrices' ratios. Only `nn.Linear` and HF's `Conv1D` (GPT-2) are eligible. `Conv1D`
 stores its weight as (d_in, d_out), so `read_weight` transposes it explicitly to the nn.Linear
 layout (d_out, d_in) used everywhere else.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from decomposer.architectures import PAPER_C_RATIOS, architecture_of, auto_modules, d_model_of
 from decomposer.errors import VpdError
 
 _MAX_SUGGESTIONS = 5
@@ -31,7 +35,27 @@ class ModuleSpec(BaseModel):
         "e.g. 'model.layers.*.self_attn.q_proj'. `*` also matches dots.",
         min_length=1,
     )
-    C: int = Field(gt=0, description="Number of rank-one subcomponents for each matrix the pattern matches.")
+    C: int | None = Field(
+        None,
+        gt=0,
+        description="Number of rank-one subcomponents for each matrix the pattern matches; None: the paper's "
+        "ratio to d_model for the matrix's role (q, k 0.67×; v, o 1.33×; MLP in 4×; MLP out 4.67×).",
+    )
+
+
+class AutoModules(BaseModel):
+    """Every attention and MLP matrix of the target, with C from the paper's ratios unless given per role."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    auto: Literal[True] = Field(True, description="Marks this form; write `modules: auto` for the defaults.")
+    C: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="Role → C (q, k, v, qkv, o, gate, up, gate_up, down) where it is given."
+    )
+    scale: float = Field(1.0, gt=0, description="Multiplies every paper ratio (not the given C).")
+
+
+ModulesSpec = tuple[ModuleSpec, ...] | Literal["auto"] | AutoModules
 
 
 def is_eligible(module: nn.Module) -> bool:
@@ -51,7 +75,18 @@ def _suggest(candidates: list[str]) -> str:
     return ", ".join(candidates) + more
 
 
-def select_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> dict[str, int]:
+def _ratio_C(model: nn.Module, path: str) -> int:
+    arch = architecture_of(model)
+    hit = arch.role(path)
+    if hit is None:
+        raise VpdError(
+            f"Module {path!r} is not an attention or MLP matrix of {arch.family}, so it has no paper C ratio. "
+            "Give its pattern a `C`."
+        )
+    return max(1, round(PAPER_C_RATIOS[hit[1]] * d_model_of(model.config)))
+
+
+def select_modules(model: nn.Module, specs: Sequence[ModuleSpec] | Literal["auto"] | AutoModules) -> dict[str, int]:
     """Match `specs` against the modules of `model`.
 
     A pattern may also match ineligible modules (a `*.mlp.*` pattern matches the activation too);
@@ -59,15 +94,22 @@ def select_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> dict[str, i
 
     Args:
         model: The target model.
-        specs: Patterns with their C. Each eligible module may be matched by at most one pattern.
+        specs: Patterns with their C (None: the paper's ratio for the matrix's role), each eligible module
+            matched by at most one pattern; or `"auto"` / `AutoModules` for every attention and MLP matrix.
 
     Returns:
         Each matched module path mapped to its C, in the order of `model.named_modules()`.
 
     Raises:
         VpdError: `specs` is empty, a pattern matches no module or only non-linear ones, or a module is
-            matched by two patterns.
+            matched by two patterns; `auto` or a pattern without C on a family without an adapter.
     """
+    if isinstance(specs, str) and specs == "auto":
+        return auto_modules(model)
+    if isinstance(specs, AutoModules):
+        return auto_modules(model, specs.C, scale=specs.scale)
+    if isinstance(specs, str):
+        raise VpdError(f"`modules` {specs!r} is not a list of patterns; write `modules: auto` or a list.")
     if not specs:
         raise VpdError("`modules` is empty. Pass at least one ModuleSpec, e.g. ModuleSpec(pattern='*.q_proj', C=64).")
     named = list(model.named_modules())
@@ -103,7 +145,11 @@ def select_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> dict[str, i
                     f"`modules[{i}].pattern` {spec.pattern!r}. Narrow one pattern so each module has one C."
                 )
             owner[path] = i
-    return {path: specs[owner[path]].C for path in eligible if path in owner}
+    return {
+        path: specs[owner[path]].C or _ratio_C(model, path)  # C is never 0, so `or` only replaces None
+        for path in eligible
+        if path in owner
+    }
 
 
 def read_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
