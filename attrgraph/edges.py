@@ -46,7 +46,17 @@ from decomposer.errors import VpdError
 from decomposer.vpd.components import ComponentModel
 from decomposer.vpd.run import Decomposition
 
-__all__ = ["Attribution", "LeafRecord", "attribute", "attribute_reference", "direct_effect_leaves"]
+__all__ = [
+    "KINDS",
+    "Attribution",
+    "EdgeTable",
+    "LeafRecord",
+    "attribute",
+    "attribute_edges",
+    "attribute_reference",
+    "direct_effect_leaves",
+    "top_logit_tokens",
+]
 
 
 @dataclass
@@ -215,9 +225,88 @@ class Attribution:
     target_pos: int
 
 
+KINDS = ("emb", "comp", "delta", "logit")  # `EdgeTable.kind` holds indices into this tuple
+
+
+@dataclass(frozen=True)
+class EdgeTable:
+    """One prompt's attribution graph as tensors: a node table and the COO edges among its nodes.
+
+    Nodes come in the order of `Attribution.nodes`: embeddings, subcomponents per module (position-major),
+    deltas per module, logits. With a node budget only the chosen subcomponents are nodes; every edge into
+    a node is exact, and edges from subcomponents outside the budget are left out.
+
+    Attributes:
+        module_paths: The decomposed modules; `module` indexes this list.
+        kind: (n,) int8 index into `KINDS`.
+        pos: (n,) position.
+        module: (n,) module index, -1 for emb and logit nodes.
+        index: (n,) c for comp nodes, the token id for logit nodes, -1 otherwise.
+        activation: (n,) as `Attribution.activation`.
+        ci: (n,) as `Attribution.ci`.
+        targets: (nnz,) target node of each nonzero edge.
+        sources: (nnz,) its source node.
+        weights: (nnz,) its signed weight.
+        logit_tokens: Token ids of the logit nodes, in node order.
+        logit_probs: (n_logits,) float64 P(token) at t* under the target.
+        target_pos: t*.
+        n_candidates: Subcomponent nodes alive on the prompt before the budget chose among them.
+    """
+
+    module_paths: list[str]
+    kind: Tensor
+    pos: Tensor
+    module: Tensor
+    index: Tensor
+    activation: Tensor
+    ci: Tensor
+    targets: Tensor
+    sources: Tensor
+    weights: Tensor
+    logit_tokens: list[int]
+    logit_probs: Tensor
+    target_pos: int
+    n_candidates: int
+
+    @property
+    def n(self) -> int:
+        return int(self.kind.numel())
+
+    def node_id(self, i: int) -> NodeId:
+        kind, pos, module, index = KINDS[int(self.kind[i])], int(self.pos[i]), int(self.module[i]), int(self.index[i])
+        if kind == "emb":
+            return NodeId.emb(pos)
+        if kind == "comp":
+            return NodeId.comp(self.module_paths[module], index, pos)
+        if kind == "delta":
+            return NodeId.delta(self.module_paths[module], pos)
+        return NodeId.logit(index, pos)
+
+    def nodes(self, which: Tensor | None = None) -> list[NodeId]:
+        """NodeIds of all nodes, or of the node indices in `which`."""
+        ids = range(self.n) if which is None else which.tolist()
+        return [self.node_id(i) for i in ids]
+
+    def kind_masks(self) -> dict[str, Tensor]:
+        return {k: self.kind == i for i, k in enumerate(KINDS)}
+
+    def logit_weights(self) -> Tensor:
+        """(n,) float64: each logit node's probability, zero elsewhere (the w of influence)."""
+        w = torch.zeros(self.n, dtype=torch.float64, device=self.kind.device)
+        w[self.kind == KINDS.index("logit")] = self.logit_probs.to(w)
+        return w
+
+    def dense(self) -> Tensor:
+        """The (n, n) adjacency A[target, source]; for small graphs only (tests, the dense API)."""
+        A = self.weights.new_zeros(self.n, self.n)
+        A[self.targets, self.sources] = self.weights
+        return A
+
+
 def _prepare(
     d: Decomposition, tokens: Tensor, target_pos: int | None, logit_tokens: Sequence[int] | None, ci: Any
-) -> tuple[Tensor, int, list[int], dict[str, Tensor]]:
+) -> tuple[Tensor, int, list[int] | None, dict[str, Tensor], Tensor | None]:
+    """Checked (tokens, t*, logit tokens, CI, P(· at t*)); runs the model only when the CI or the tokens are missing."""
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0 or tokens.is_floating_point():
@@ -227,54 +316,73 @@ def _prepare(
     if not 0 <= target_pos < T:
         raise VpdError(f"`target_pos` must be in [0, {T - 1}] for a {T}-token prompt; got {target_pos}.")
     tokens = tokens[:, : target_pos + 1].to(d.model_device)
-    with torch.no_grad():
-        out, xs = d.model.forward_with_inputs(tokens)
-        probs = out.logits[0, target_pos].double().softmax(-1)
+    probs = None
+    if ci is None or logit_tokens is None:
+        with torch.no_grad():
+            out, xs = d.model.forward_with_inputs(tokens)
+            probs = out.logits[0, target_pos].double().softmax(-1)
+            if ci is None:
+                ci = {p: g[0] for p, g in d.causal_importance(xs)[0].items()}
         if logit_tokens is None:
-            p, order = probs.sort(descending=True)
-            n = int(torch.searchsorted(p.cumsum(0), torch.tensor(0.95, dtype=p.dtype))) + 1
-            logit_tokens = order[: min(n, 10)].tolist()
-        elif any(not 0 <= tok < probs.numel() for tok in logit_tokens):
-            raise VpdError(f"`logit_tokens` must be token ids in [0, {probs.numel()}); got {list(logit_tokens)}.")
-        if ci is None:
-            ci = {p: g[0] for p, g in d.causal_importance(xs)[0].items()}
+            logit_tokens = top_logit_tokens(probs)
     if set(ci) != set(d.module_paths):
         raise VpdError(f"`ci` must have one entry per decomposed module, {d.module_paths}; got {sorted(ci)}.")
-    ci = {p: (g[0] if g.ndim == 3 else g)[: target_pos + 1].detach() for p, g in ci.items()}
+    ci = {p: (g[0] if g.ndim == 3 else g)[: target_pos + 1].detach().to(d.model_device) for p, g in ci.items()}
     for p, g in ci.items():
         if g.shape != (target_pos + 1, d.Cs[p]):
             raise VpdError(f"`ci[{p!r}]` must be (T, {d.Cs[p]}) or (1, T, {d.Cs[p]}); got {tuple(g.shape)}.")
-    return tokens, target_pos, list(logit_tokens), ci
+    return tokens, target_pos, list(logit_tokens), ci, probs
+
+
+def top_logit_tokens(probs: Tensor, max_logits: int = 10, logit_prob: float = 0.95) -> list[int]:
+    """The likeliest tokens until their cumulative probability reaches `logit_prob`, at most `max_logits`."""
+    p, order = probs.sort(descending=True)
+    n = int(torch.searchsorted(p.cumsum(0), torch.tensor(logit_prob, dtype=p.dtype, device=p.device))) + 1
+    return order[: min(n, max_logits)].tolist()
 
 
 class _Graph:
-    """Node list plus the index tensors that turn leaf gradients into rows of A."""
+    """Node table of every candidate node plus the index tensors that turn leaf gradients into rows of A."""
 
     def __init__(self, d: Decomposition, T: int, target_pos: int, logit_tokens: list[int], ci: dict[str, Tensor]):
         self.paths = d.module_paths
-        self.nodes: list[NodeId] = [NodeId.emb(t) for t in range(T)]
+        device = d.model_device
+        ar = torch.arange(T, device=device)
+        neg = torch.full((T,), -1, dtype=torch.long, device=device)
+        kinds, pos, module, index = [torch.zeros(T, dtype=torch.int8, device=device)], [ar], [neg], [neg]
         self.comp_idx: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # path → (t, c, node index)
-        for p in self.paths:
+        n = T
+        for j, p in enumerate(self.paths):
             t_idx, c_idx = (ci[p] > 0).nonzero(as_tuple=True)
-            start = len(self.nodes)
-            self.nodes += [NodeId.comp(p, int(c), int(t)) for t, c in zip(t_idx.tolist(), c_idx.tolist(), strict=True)]
-            self.comp_idx[p] = (t_idx, c_idx, torch.arange(start, len(self.nodes)))
+            self.comp_idx[p] = (t_idx, c_idx, torch.arange(n, n + len(t_idx), device=device))
+            n += len(t_idx)
+            kinds.append(torch.full_like(t_idx, KINDS.index("comp"), dtype=torch.int8))
+            pos.append(t_idx)
+            module.append(torch.full_like(t_idx, j))
+            index.append(c_idx)
         self.delta_start = {}
-        for p in self.paths:
-            self.delta_start[p] = len(self.nodes)
-            self.nodes += [NodeId.delta(p, t) for t in range(T)]
-        self.logit_start = len(self.nodes)
-        self.nodes += [NodeId.logit(tok, target_pos) for tok in logit_tokens]
+        for j, p in enumerate(self.paths):
+            self.delta_start[p] = n
+            n += T
+            kinds.append(torch.full((T,), KINDS.index("delta"), dtype=torch.int8, device=device))
+            pos.append(ar)
+            module.append(torch.full((T,), j, dtype=torch.long, device=device))
+            index.append(neg)
+        self.logit_start = n
+        L = len(logit_tokens)
+        kinds.append(torch.full((L,), KINDS.index("logit"), dtype=torch.int8, device=device))
+        pos.append(torch.full((L,), target_pos, dtype=torch.long, device=device))
+        module.append(torch.full((L,), -1, dtype=torch.long, device=device))
+        index.append(torch.tensor(logit_tokens, dtype=torch.long, device=device))
+        self.kind, self.pos, self.module, self.index = (torch.cat(x) for x in (kinds, pos, module, index))
+        self.n = n + L
         self.T, self.target_pos, self.logit_tokens, self.ci = T, target_pos, logit_tokens, ci
 
-    def targets(self) -> list[tuple[str | None, int, int, int]]:
-        """(path or None for logits, t, c or token, node index) for every target node."""
-        out = [
-            (p, t, c, i)
-            for p, (ts, cs, ids) in self.comp_idx.items()
-            for t, c, i in zip(ts.tolist(), cs.tolist(), ids.tolist(), strict=True)
-        ]
-        return out + [(None, self.target_pos, tok, self.logit_start + j) for j, tok in enumerate(self.logit_tokens)]
+    def comp_nodes(self) -> Tensor:
+        return (self.kind == KINDS.index("comp")).nonzero().squeeze(1)
+
+    def logit_nodes(self) -> Tensor:
+        return torch.arange(self.logit_start, self.n, device=self.kind.device)
 
     def alive(self) -> dict[str, Tensor]:
         """Path → (T, C) mask of the comp nodes; leaf columns then follow the node order of `comp_idx`."""
@@ -318,8 +426,8 @@ class _Graph:
                 out[:, self.delta_start[p] : self.delta_start[p] + self.T] = (g[:k] * delta[0].detach()).sum(-1)
 
     def activation_and_ci(self, rec: LeafRecord, logits: Tensor) -> tuple[Tensor, Tensor]:
-        act = logits.new_zeros(len(self.nodes))
-        ci = logits.new_ones(len(self.nodes))
+        act = logits.new_zeros(self.n)
+        ci = logits.new_ones(self.n)
         act[: self.T] = rec.emb[0].detach().norm(dim=-1)
         for p in self.paths:
             t_idx, c_idx, ids = self.comp_idx[p]
@@ -330,26 +438,177 @@ class _Graph:
         return act, ci
 
 
-def _target_sum(
-    d: Decomposition, rec: LeafRecord, logits: Tensor, chunk: Sequence[tuple[str | None, int, int, int]]
-) -> Tensor:
-    """Σ_k of target k read from copy k: a_c = x[t] · v_c for comp targets, the raw logit for logit targets.
+def _target_sum(d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor, chunk: Tensor) -> Tensor:
+    """Σ_k of target node chunk[k] read from copy k: a_c = x[t] · v_c for comp targets, the raw logit for logits.
 
     Reading a_c from the module input costs O(d_in) in the backward, where indexing the (B, T, C) product
     a = xV would cost a full (B, T, C) × (C, d_in) matmul per backward.
     """
-    groups: dict[str | None, list[tuple[int, int, int]]] = {}
-    for k, (p, t, c, _) in enumerate(chunk):
-        groups.setdefault(p, []).append((k, t, c))
+    ks = torch.arange(len(chunk), device=chunk.device)
+    module, pos, index = graph.module[chunk], graph.pos[chunk], graph.index[chunk]
+    is_logit = graph.kind[chunk] == KINDS.index("logit")
     total = logits.new_zeros(())
-    for p, entries in groups.items():
-        ks, ts, cs = (torch.tensor(col, device=logits.device) for col in zip(*entries, strict=True))
-        if p is None:
-            total = total + logits[ks, -1, cs].sum()  # logit targets all sit at t*, the last position
-        else:
-            V = d.model.components(p).V.detach()
-            total = total + (rec.inputs[p][ks, ts] * V[:, cs].T).sum()
+    if bool(is_logit.any()):
+        total = total + logits[ks[is_logit], -1, index[is_logit]].sum()  # logit targets all sit at t*, the last
+    for j in module[~is_logit].unique().tolist():
+        sel = (module == j) & ~is_logit
+        p = graph.paths[j]
+        V = d.model.components(p).V.detach()
+        total = total + (rec.inputs[p][ks[sel], pos[sel]] * V[:, index[sel]].T).sum()
     return total
+
+
+class _Rows:
+    """Backward passes that fill rows of A for chosen target nodes, kept as COO pieces."""
+
+    def __init__(self, d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor):
+        self.d, self.graph, self.rec, self.logits = d, graph, rec, logits
+        self.leaves = rec.leaves()
+        self.pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def run(self, chunk: Tensor) -> None:
+        """Compute the rows of the target nodes in `chunk` (at most the forward's batch of copies)."""
+        grads = torch.autograd.grad(
+            _target_sum(self.d, self.graph, self.rec, self.logits, chunk), self.leaves, allow_unused=True,
+            retain_graph=True,
+        )  # fmt: skip
+        rows = self.logits.new_zeros(len(chunk), self.graph.n).detach()
+        # Copy k carries target k; copies share no computation, so the sum separates in the gradient.
+        self.graph.source_rows(self.rec, grads, rows)
+        k, s = rows.nonzero(as_tuple=True)
+        self.pieces.append((chunk[k], s, rows[k, s]))
+
+    def coo(self) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.pieces:
+            empty = torch.zeros(0, dtype=torch.long, device=self.logits.device)
+            return empty, empty, self.logits.new_zeros(0).detach()
+        t, s, w = (torch.cat(x) for x in zip(*self.pieces, strict=True))
+        self.pieces = [(t, s, w)]
+        return t, s, w
+
+
+def _choose_and_run(rows: _Rows, graph: _Graph, logit_w: Tensor, K: int, budget: int, progress: bool) -> Tensor:
+    """Rows of the logits, then of the `budget` comp nodes of largest estimated influence; returns the visited mask.
+
+    As circuit-tracer does: after each queue, the influence on the logits of every node is recomputed from the
+    rows found so far (nodes whose rows are pending pass nothing on), and the next queue takes the unvisited
+    comp nodes of largest estimate. Our choice: the queue grows with the nodes already visited (at least 4
+    batches, then half of them), so the estimate is recomputed O(log budget) times.
+    """
+    from tqdm.auto import tqdm
+
+    from attrgraph.prune import coo_normalized_abs, coo_series
+
+    for chunk in graph.logit_nodes().split(K):
+        rows.run(chunk)
+    is_comp = graph.kind == KINDS.index("comp")
+    visited = torch.zeros(graph.n, dtype=torch.bool, device=is_comp.device)
+    done = 0
+    with tqdm(total=budget, desc="edges", disable=not progress) as bar:
+        while done < budget:
+            t, s, w = rows.coo()
+            estimate = coo_series(graph.n, t, s, coo_normalized_abs(graph.n, t, w.double()), logit_w)
+            estimate[~is_comp | visited] = -1.0
+            size = min(max(4 * K, done // 2), budget - done)
+            queue = estimate.topk(size).indices
+            for chunk in queue.split(K):
+                rows.run(chunk)
+                bar.update(len(chunk))
+            visited[queue] = True
+            done += size
+    return visited
+
+
+def attribute_edges(
+    d: Decomposition,
+    tokens: Tensor,
+    *,
+    target_pos: int | None = None,
+    logit_tokens: Sequence[int] | None = None,
+    logit_probs: Tensor | None = None,
+    ci: dict[str, Tensor] | None = None,
+    weight_by_source_ci: bool = True,
+    batch_size: int = 32,
+    max_nodes: int | None = None,
+    progress: bool = False,
+    _batched: bool = True,
+) -> EdgeTable:
+    """The attribution graph of one prompt as an `EdgeTable`, batching `batch_size` target nodes per backward.
+
+    Args:
+        d: The decomposition (component model plus CI function).
+        tokens: Prompt token ids, (T,) or (1, T). Positions after `target_pos` are dropped.
+        target_pos: Read-out position t*; defaults to the last position.
+        logit_tokens: Token ids of the logit nodes; default: the top tokens at t* by probability up to a
+            cumulative 0.95, at most 10.
+        logit_probs: P(·) at t* over the vocabulary (e.g. from the target's own forward); default: from the
+            graph's forward.
+        ci: Path → CI (T, C) or (1, T, C); comp nodes are the entries > 0. Default: the CI network's g.
+        weight_by_source_ci: Multiply comp-source edges by the source's g (the paper's form).
+        batch_size: Target nodes per backward (prompt copies per forward).
+        max_nodes: Comp nodes whose rows are computed, chosen by estimated influence (`_choose_and_run`);
+            None, or a budget at least the number of alive entries, computes every row in node order.
+        progress: Show a tqdm bar over the chosen nodes.
+
+    Raises:
+        VpdError: On a misshapen prompt, an out-of-range position or token, a `ci` that does not match
+            the decomposed modules, or a `batch_size` or `max_nodes` below 1.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VpdError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
+        raise VpdError(f"`max_nodes` must be a positive integer or None; got {max_nodes!r}. Pass e.g. 7500.")
+    tokens, target_pos, logit_tokens, ci, probs = _prepare(d, tokens, target_pos, logit_tokens, ci)
+    graph = _Graph(d, tokens.shape[1], target_pos, logit_tokens, ci)
+    comp_nodes = graph.comp_nodes()
+    n_targets = len(comp_nodes) + len(logit_tokens)
+    K = min(batch_size, max(n_targets, 1)) if _batched else 1
+    # Batched: only comp nodes are leaves (dead entries are never read as sources, so they stay constants).
+    # The reference keeps every (t, c) entry a leaf, so comparing the two also checks that restriction.
+    alive = graph.alive() if _batched else None
+    with torch.enable_grad(), direct_effect_leaves(d.model, alive=alive, copies=True) as rec:
+        # Only t* is read out, so the (vocab-sized) head runs at the last position only.
+        logits = d.model.target(tokens.expand(K, -1), logits_to_keep=1).logits
+    if any(not 0 <= tok < logits.shape[-1] for tok in logit_tokens):
+        raise VpdError(f"`logit_tokens` must be token ids in [0, {logits.shape[-1]}); got {list(logit_tokens)}.")
+    if logit_probs is None:
+        logit_probs = probs if probs is not None else logits[0, -1].detach().double().softmax(-1)
+    token_probs = logit_probs.detach().double()[logit_tokens].cpu()
+    graph.bind(rec, weight_by_source_ci)
+    rows = _Rows(d, graph, rec, logits)
+    if max_nodes is None or max_nodes >= len(comp_nodes):
+        order = torch.cat([comp_nodes, graph.logit_nodes()])
+        from tqdm.auto import tqdm
+
+        for chunk in tqdm(order.split(K), desc="edges", disable=not progress):
+            rows.run(chunk)
+        kept = torch.ones(graph.n, dtype=torch.bool, device=comp_nodes.device)
+    else:
+        w = torch.zeros(graph.n, dtype=torch.float64, device=comp_nodes.device)
+        w[graph.logit_start :] = token_probs.to(w)
+        kept = _choose_and_run(rows, graph, w, K, max_nodes, progress) | (graph.kind != KINDS.index("comp"))
+    activation, node_ci = graph.activation_and_ci(rec, logits)
+    t, s, wts = rows.coo()
+    inside = kept[s]  # targets are kept by construction; sources outside the budget are dropped
+    new_index = kept.long().cumsum(0) - 1
+    t, s, wts = new_index[t[inside]], new_index[s[inside]], wts[inside]
+    order = (t * kept.sum() + s).argsort()  # edges sorted by (target, source): the dense order of A
+    return EdgeTable(
+        module_paths=list(graph.paths),
+        kind=graph.kind[kept],
+        pos=graph.pos[kept],
+        module=graph.module[kept],
+        index=graph.index[kept],
+        activation=activation[kept].detach(),
+        ci=node_ci[kept].detach(),
+        targets=t[order],
+        sources=s[order],
+        weights=wts[order].detach(),
+        logit_tokens=list(logit_tokens),
+        logit_probs=token_probs,
+        target_pos=target_pos,
+        n_candidates=len(comp_nodes),
+    )
 
 
 def _run(
@@ -362,34 +621,11 @@ def _run(
     batch_size: int,
     batched: bool,
 ) -> Attribution:
-    if batch_size < 1:
-        raise VpdError(f"`batch_size` must be >= 1; got {batch_size}.")
-    tokens, target_pos, logit_tokens, ci = _prepare(d, tokens, target_pos, logit_tokens, ci)
-    graph = _Graph(d, tokens.shape[1], target_pos, logit_tokens, ci)
-    targets = graph.targets()
-    K = min(batch_size, max(len(targets), 1)) if batched else 1
-    # Batched: only comp nodes are leaves (dead entries are never read as sources, so they stay constants).
-    # The reference keeps every (t, c) entry a leaf, so comparing the two also checks that restriction.
-    alive = graph.alive() if batched else None
-    with torch.enable_grad(), direct_effect_leaves(d.model, alive=alive, copies=True) as rec:
-        # Only t* is read out, so the (vocab-sized) head runs at the last position only.
-        logits = d.model.target(tokens.expand(K, -1), logits_to_keep=1).logits
-    graph.bind(rec, weight_by_source_ci)
-    leaves = rec.leaves()
-    A = logits.new_zeros(len(graph.nodes), len(graph.nodes)).detach()
-    for start in range(0, len(targets), K):
-        chunk = targets[start : start + K]
-        # Copy k carries target k; copies share no computation, so the sum separates in the gradient.
-        grads = torch.autograd.grad(_target_sum(d, rec, logits, chunk), leaves, allow_unused=True, retain_graph=True)
-        first, last = chunk[0][3], chunk[-1][3]
-        if last - first + 1 == len(chunk):  # consecutive node ids: write straight into A's rows
-            graph.source_rows(rec, grads, A[first : last + 1])
-        else:
-            rows = A.new_zeros(len(chunk), len(graph.nodes))
-            graph.source_rows(rec, grads, rows)
-            A[[i for *_, i in chunk]] = rows
-    activation, node_ci = graph.activation_and_ci(rec, logits)
-    return Attribution(graph.nodes, A, activation, node_ci, logit_tokens, target_pos)
+    table = attribute_edges(
+        d, tokens, target_pos=target_pos, logit_tokens=logit_tokens, ci=ci, weight_by_source_ci=weight_by_source_ci,
+        batch_size=batch_size, _batched=batched,
+    )  # fmt: skip
+    return Attribution(table.nodes(), table.dense(), table.activation, table.ci, table.logit_tokens, table.target_pos)
 
 
 def attribute(

@@ -1,8 +1,9 @@
 """Assemble an attribution graph as an `nx.DiGraph` in the convention of `attrgraph.export`.
 
-`build_graph` computes the edges of one prompt (`attrgraph.edges.attribute`) and labels every
-node; `to_networkx` converts an existing `Attribution`. Edges with weight exactly 0 are structural
-zeros and are not stored.
+`build_graph` computes every edge of one prompt (`attrgraph.edges.attribute_edges`) and labels every
+node; `table_to_networkx` converts an `EdgeTable` (or the nodes and edges pruning kept of it),
+`to_networkx` a dense `Attribution`. `attrgraph.pipeline.attribute_prompt` is the full pipeline.
+Edges with weight exactly 0 are structural zeros and are not stored.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edges import Attribution, attribute
+from attrgraph.edges import Attribution, EdgeTable, attribute_edges
 from attrgraph.labels import label_for
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
 from decomposer.errors import VpdError
@@ -33,6 +34,49 @@ def _label(node: NodeId, token: str, labels: Mapping[str, str] | None) -> str:
     return f"{short_label(node)} {token!r}"
 
 
+def _graph_attrs(
+    prompt: str, prompt_tokens: Sequence[str], target_pos: int, target_id: int | None, target_text: str,
+    settings: Mapping | None, report: Mapping | None,
+) -> dict:  # fmt: skip
+    return dict(
+        prompt=prompt,
+        prompt_tokens=list(prompt_tokens),
+        target_pos=target_pos,
+        target_token=target_text,
+        target_token_id=target_id,
+        report=dict(report or {}),
+        qk_pairs=[],
+        settings=dict(settings or {}),
+    )
+
+
+def _node_attrs(
+    node: NodeId, token: str, ci: float, activation: float, prob: float | None, target_id: int | None,
+    token_text: Mapping[int, str], labels: Mapping[str, str] | None, n_blocks: int,
+) -> dict:  # fmt: skip
+    attrs = {
+        "kind": node.kind,
+        "module": node.module,
+        "block": None,
+        "sublayer": None,
+        "pos": node.pos,
+        "index": node.index,
+        "row": node_row(node, n_blocks=n_blocks),
+        "ci": ci,
+        "activation": activation,
+        "token": token,
+    }
+    if node.module is not None:
+        attrs["block"], _, attrs["sublayer"] = module_short_name(node.module)
+    if node.kind == "logit":
+        attrs.update(token_id=node.index, prob=prob, logit_token=token_text[node.index])
+        attrs["label"] = f"→ {token_text[node.index]!r} p={prob:.3f}"
+        attrs["is_target"] = node.index == target_id
+    else:
+        attrs["label"] = _label(node, token, labels)
+    return attrs
+
+
 def to_networkx(
     att: Attribution,
     *,
@@ -45,51 +89,119 @@ def to_networkx(
     settings: Mapping | None = None,
     report: Mapping[str, float] | None = None,
 ) -> nx.DiGraph:
-    """The `Attribution` as a DiGraph; `probs` is P(token) at the target position under the target model."""
+    """The dense `Attribution` as a DiGraph; `probs` is P(token) at the target position under the target model."""
+    target_id = att.logit_tokens[0] if att.logit_tokens else None
     G = nx.DiGraph()
     G.graph.update(
-        prompt=prompt,
-        prompt_tokens=list(prompt_tokens),
-        target_pos=att.target_pos,
-        target_token=token_text[att.logit_tokens[0]] if att.logit_tokens else "",
-        target_token_id=att.logit_tokens[0] if att.logit_tokens else None,
-        report=dict(report or {}),
-        qk_pairs=[],
-        settings=dict(settings or {}),
-    )
+        _graph_attrs(prompt, prompt_tokens, att.target_pos, target_id,
+                     token_text[target_id] if att.logit_tokens else "", settings, report)
+    )  # fmt: skip
+    ci, act = att.ci.tolist(), att.activation.tolist()
     for i, node in enumerate(att.nodes):
-        token = prompt_tokens[node.pos]
-        attrs = {
-            "kind": node.kind,
-            "module": node.module,
-            "block": None,
-            "sublayer": None,
-            "pos": node.pos,
-            "index": node.index,
-            "row": node_row(node, n_blocks=n_blocks),
-            "ci": float(att.ci[i]),
-            "activation": float(att.activation[i]),
-            "token": token,
-        }
-        if node.module is not None:
-            attrs["block"], _, attrs["sublayer"] = module_short_name(node.module)
-        if node.kind == "logit":
-            attrs.update(token_id=node.index, prob=float(probs[node.index]))
-            attrs["label"] = f"→ {token_text[node.index]!r} p={attrs['prob']:.3f}"
-            attrs["is_target"] = node.index == G.graph["target_token_id"]
-        else:
-            attrs["label"] = _label(node, token, labels)
-        G.add_node(str(node), **attrs)
+        prob = float(probs[node.index]) if node.kind == "logit" else None
+        G.add_node(
+            str(node),
+            **_node_attrs(node, prompt_tokens[node.pos], ci[i], act[i], prob, target_id, token_text, labels, n_blocks),
+        )
     # Bulk conversion: hundreds of thousands of edges are common, and per-edge tensor reads dominated.
     targets, sources = att.A.nonzero(as_tuple=True)
-    weights = att.A[targets, sources].tolist()
-    names = [str(n) for n in att.nodes]
-    pos = [n.pos for n in att.nodes]
+    _add_edges(G, [str(n) for n in att.nodes], [n.pos for n in att.nodes], targets, sources, att.A[targets, sources])
+    return G
+
+
+def _add_edges(G: nx.DiGraph, names: list[str], pos: list[int], targets: Tensor, sources: Tensor, w: Tensor) -> None:
     G.add_edges_from(
-        (names[s], names[t], {"weight": w, "cross_position": pos[s] != pos[t]})
-        for t, s, w in zip(targets.tolist(), sources.tolist(), weights, strict=True)
+        (names[s], names[t], {"weight": wt, "cross_position": pos[s] != pos[t]})
+        for t, s, wt in zip(targets.tolist(), sources.tolist(), w.tolist(), strict=True)
+    )
+
+
+def table_to_networkx(
+    table: EdgeTable,
+    *,
+    prompt: str,
+    prompt_tokens: Sequence[str],
+    token_text: Mapping[int, str],
+    n_blocks: int,
+    labels: Mapping[str, str] | None = None,
+    settings: Mapping | None = None,
+    report: Mapping | None = None,
+    node_mask: Tensor | None = None,
+    edge_mask: Tensor | None = None,
+    influence: Tensor | None = None,
+) -> nx.DiGraph:
+    """The `EdgeTable`'s nodes and edges (those in `node_mask` / `edge_mask` when given) as a DiGraph.
+
+    `influence` (n,), when given, becomes each node's `influence` attribute. Logit nodes get `prob` from
+    `table.logit_probs`.
+    """
+    target_id = table.logit_tokens[0] if table.logit_tokens else None
+    G = nx.DiGraph()
+    G.graph.update(
+        _graph_attrs(prompt, prompt_tokens, table.target_pos, target_id,
+                     token_text[target_id] if table.logit_tokens else "", settings, report)
+    )  # fmt: skip
+    keep = torch.arange(table.n) if node_mask is None else node_mask.cpu().nonzero().squeeze(1)
+    nodes = table.nodes(keep)
+    ci, act = table.ci[keep].tolist(), table.activation[keep].tolist()
+    infl = influence[keep].tolist() if influence is not None else None
+    logit_prob = dict(zip(table.logit_tokens, table.logit_probs.tolist(), strict=True))
+    for j, node in enumerate(nodes):
+        prob = logit_prob[node.index] if node.kind == "logit" else None
+        attrs = _node_attrs(node, prompt_tokens[node.pos], ci[j], act[j], prob, target_id, token_text, labels, n_blocks)
+        if infl is not None:
+            attrs["influence"] = infl[j]
+        G.add_node(str(node), **attrs)
+    t, s, w = table.targets.cpu(), table.sources.cpu(), table.weights.cpu()
+    if edge_mask is not None:
+        m = edge_mask.cpu()
+        t, s, w = t[m], s[m], w[m]
+    names = {int(i): str(n) for i, n in zip(keep.tolist(), nodes, strict=True)}
+    pos = {int(i): n.pos for i, n in zip(keep.tolist(), nodes, strict=True)}
+    G.add_edges_from(
+        (names[si], names[ti], {"weight": wt, "cross_position": pos[si] != pos[ti]})
+        for ti, si, wt in zip(t.tolist(), s.tolist(), w.tolist(), strict=True)
     )
     return G
+
+
+def check_prompt(
+    d: Decomposition,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target_token: str | None,
+    target_pos: int | None,
+) -> tuple[Tensor, int, int | None]:
+    """Check a prompt and its read-out without running the model: (token ids (1, T), t*, label id or None).
+
+    Raises:
+        VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
+            position out of range.
+    """
+    if not prompt.strip():
+        raise VpdError("`prompt` is empty. Pass the text to explain, e.g. 'The princess lost her'.")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    T = ids.shape[1]
+    context = getattr(d.model.target.config, "max_position_embeddings", None)
+    if context is not None and T > context:
+        raise VpdError(
+            f"`prompt` is {T} tokens, longer than the model's context of {context}; shorten it to {context} tokens."
+        )
+    if target_pos is None:
+        target_pos = T - 1
+    if not -T <= target_pos < T:
+        raise VpdError(f"`target_pos` {target_pos} is out of range for a {T}-token prompt; use 0..{T - 1}.")
+    target_pos %= T
+    label_id = None
+    if target_token is not None:
+        label_ids = tokenizer(target_token, add_special_tokens=False)["input_ids"]
+        if len(label_ids) != 1:
+            raise VpdError(
+                f"`target_token` {target_token!r} is {len(label_ids)} tokens, not one. Pass a single token "
+                "such as ' her' (mind the leading space)."
+            )
+        label_id = label_ids[0]
+    return ids, target_pos, label_id
 
 
 def resolve_prompt(
@@ -102,35 +214,13 @@ def resolve_prompt(
     """Check a prompt and its read-out: (token ids (1, T), t*, label id, P(next token) at t* under the target).
 
     Raises:
-        VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
-            position out of range.
+        VpdError: As `check_prompt`.
     """
-    if not prompt.strip():
-        raise VpdError("`prompt` is empty. Pass the text to explain, e.g. 'The princess lost her'.")
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    T = ids.shape[1]
-    context = getattr(d.model.target.config, "max_position_embeddings", None)
-    if context is not None and T > context:
-        raise VpdError(f"`prompt` is {T} tokens, longer than the model's context of {context}. Shorten it.")
-    if target_pos is None:
-        target_pos = T - 1
-    if not -T <= target_pos < T:
-        raise VpdError(f"`target_pos` {target_pos} is out of range for a {T}-token prompt; use 0..{T - 1}.")
-    target_pos %= T
+    ids, target_pos, label_id = check_prompt(d, tokenizer, prompt, target_token, target_pos)
     with torch.no_grad():
         logits = d.model.target(ids[:, : target_pos + 1].to(d.model_device)).logits[0, target_pos]
     probs = torch.softmax(logits.double(), -1).cpu()
-    if target_token is None:
-        label_id = int(probs.argmax())
-    else:
-        label_ids = tokenizer(target_token, add_special_tokens=False)["input_ids"]
-        if len(label_ids) != 1:
-            raise VpdError(
-                f"`target_token` {target_token!r} is {len(label_ids)} tokens, not one. Pass a single token "
-                "such as ' her' (mind the leading space)."
-            )
-        label_id = label_ids[0]
-    return ids, target_pos, label_id, probs
+    return ids, target_pos, int(probs.argmax()) if label_id is None else label_id, probs
 
 
 def build_graph(
@@ -146,7 +236,10 @@ def build_graph(
     batch_size: int = 32,
     report: Mapping[str, float] | None = None,
 ) -> nx.DiGraph:
-    """Attribution graph of `prompt` read out at `target_pos` (default: the last token).
+    """The full (unpruned, unbudgeted) attribution graph of `prompt` as a DiGraph, for small prompts.
+
+    `attrgraph.attribute_prompt` is the pipeline (node budget, pruning on tensors, files); this is its
+    edge step with every node's edges, converted whole to networkx.
 
     Args:
         d: The decomposition.
@@ -166,27 +259,20 @@ def build_graph(
         VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
             position out of range.
     """
+    from attrgraph.pipeline import _logit_tokens
+    from attrgraph.settings import GraphSettings
+
     ids, target_pos, label_id, probs = resolve_prompt(d, tokenizer, prompt, target_token, target_pos)
-    # The label first, then the most likely tokens up to 0.95 cumulative probability, at most 10.
-    order = probs.argsort(descending=True).tolist()
-    logit_tokens, mass = [label_id], 0.0
-    for tok in order:
-        if len(logit_tokens) >= 10 or mass >= 0.95:
-            break
-        mass += float(probs[tok])
-        if tok != label_id:
-            logit_tokens.append(tok)
-    att = attribute(
-        d, ids, target_pos=target_pos, logit_tokens=logit_tokens, ci=dict(ci) if ci is not None else None,
-        weight_by_source_ci=weight_by_source_ci, batch_size=batch_size,
+    logit_tokens = _logit_tokens(probs, label_id, GraphSettings())
+    table = attribute_edges(
+        d, ids, target_pos=target_pos, logit_tokens=logit_tokens, logit_probs=probs,
+        ci=dict(ci) if ci is not None else None, weight_by_source_ci=weight_by_source_ci, batch_size=batch_size,
     )  # fmt: skip
-    pieces = [tokenizer.decode([i]) for i in ids[0, : target_pos + 1].tolist()]
-    return to_networkx(
-        att,
+    return table_to_networkx(
+        table,
         prompt=prompt,
-        prompt_tokens=pieces,
+        prompt_tokens=[tokenizer.decode([i]) for i in ids[0, : target_pos + 1].tolist()],
         token_text={t: tokenizer.decode([t]) for t in logit_tokens},
-        probs=probs,
         n_blocks=_n_blocks(d),
         labels=labels,
         settings={"weight_by_source_ci": weight_by_source_ci, "batch_size": batch_size},

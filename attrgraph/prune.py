@@ -19,6 +19,11 @@ as in circuit-tracer. So row t lists the inputs of t and column s the outputs of
    incoming edge, until nothing changes.
 7. Return masks; the graph is left alone. The networkx wrappers build new graphs from the masks.
 
+`prune_coo` runs the same steps on a graph held as COO edges (target, source, weight), in O(edges ·
+depth) time and O(nodes + edges) memory: no dense matrix and no sort beyond the nonzero edges. It is
+what `attribute_prompt` and `prune_graph` use; `influence_prune` states the algorithm on a dense A and
+is kept as the reference the COO form is tested against.
+
 "Until the cumulative share reaches x" includes the item that crosses x, and every item tied with
 it. At least the single highest-scoring item is kept, and items scoring exactly 0 never are.
 """
@@ -203,6 +208,118 @@ def influence_prune(
     return PruneMasks(node_mask, edge_mask, node_influence)
 
 
+class CooPruneMasks(NamedTuple):
+    """What `prune_coo` keeps.
+
+    Attributes:
+        node_mask: Bool (n,), True for kept nodes.
+        edge_mask: Bool (nnz,), True for kept edges, aligned with the input edge list.
+        influence: (n,) influence of every node on the logits in the unpruned graph.
+    """
+
+    node_mask: Tensor
+    edge_mask: Tensor
+    influence: Tensor
+
+
+def coo_normalized_abs(n: int, targets: Tensor, weights: Tensor) -> Tensor:
+    """|w| of each edge divided by the |w| sum of its target's row (`normalized_abs` on COO edges)."""
+    magnitude = weights.abs()
+    row_sums = torch.zeros(n, dtype=magnitude.dtype, device=magnitude.device).index_add_(0, targets, magnitude)
+    return magnitude / torch.where(row_sums > 0, row_sums, torch.ones_like(row_sums))[targets]
+
+
+def coo_series(n: int, targets: Tensor, sources: Tensor, a_hat: Tensor, w: Tensor) -> Tensor:
+    """w(Â + Â² + …) with Â given as COO edges; one scatter-add over the edges per product.
+
+    Raises:
+        VpdError: If the series has not ended after `MAX_PRODUCTS` products (a cycle).
+    """
+    term = torch.zeros(n, dtype=a_hat.dtype, device=a_hat.device).index_add_(0, sources, a_hat * w[targets])
+    total = term.clone()
+    products = 1
+    while bool(term.any()):
+        if products >= MAX_PRODUCTS:
+            raise VpdError(
+                f"Influence did not vanish after {MAX_PRODUCTS} products, so the graph has a cycle; "
+                "an attribution graph must be a DAG (check the edge orientation: targets, then sources)."
+            )
+        term = torch.zeros_like(term).index_add_(0, sources, a_hat * term[targets])
+        total += term
+        products += 1
+    return total
+
+
+def prune_coo(
+    n: int,
+    targets: Tensor,
+    sources: Tensor,
+    weights: Tensor,
+    kinds: Sequence[str] | dict[str, Tensor],
+    logit_weights: Tensor,
+    *,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> CooPruneMasks:
+    """Influence pruning (steps 1–7 of the module docstring) of a graph given as COO edges.
+
+    Args:
+        n: Number of nodes.
+        targets: (nnz,) target node of each edge.
+        sources: (nnz,) source node of each edge; no (target, source) pair may repeat.
+        weights: (nnz,) signed edge weights; computed in float64 whatever their dtype.
+        kinds: Per node "comp", "emb", "logit" or "delta", or kind → bool (n,) mask.
+        logit_weights: (n,) probability at each logit node, zero elsewhere.
+        node_threshold: Cumulative influence share of the nodes to keep, in [0, 1].
+        edge_threshold: Cumulative score share of the edges to keep, in [0, 1].
+
+    Returns:
+        Node mask, edge mask (aligned with the edges) and the unpruned influence.
+
+    Raises:
+        VpdError: A threshold outside [0, 1], misaligned inputs, non-finite weights, or a cycle.
+    """
+    _check_threshold("node_threshold", node_threshold)
+    _check_threshold("edge_threshold", edge_threshold)
+    if not (targets.shape == sources.shape == weights.shape) or targets.ndim != 1:
+        raise VpdError(
+            f"`targets`, `sources` and `weights` must be 1-D and of one length; got {tuple(targets.shape)}, "
+            f"{tuple(sources.shape)} and {tuple(weights.shape)}."
+        )
+    if tuple(logit_weights.shape) != (n,):
+        raise VpdError(f"`logit_weights` must have shape ({n},), one entry per node; got {tuple(logit_weights.shape)}.")
+    device = weights.device
+    masks = kinds if isinstance(kinds, dict) else _kind_masks(kinds, n)
+    masks = {k: masks[k].to(device) for k in _KINDS}
+    weights = weights.detach().to(torch.float64)
+    if not bool(torch.isfinite(weights).all()):
+        raise VpdError("`weights` contains NaN or infinite entries; every edge weight must be finite.")
+    targets, sources = targets.to(device), sources.to(device)
+    w = logit_weights.detach().to(device, torch.float64)
+
+    a_hat = coo_normalized_abs(n, targets, weights)
+    node_influence = coo_series(n, targets, sources, a_hat, w)
+    node_mask = node_influence >= _cutoff(node_influence, node_threshold)
+    node_mask |= masks["emb"] | masks["logit"]
+
+    # Step 4: edges touching a dropped node are zeroed, then the rows renormalised.
+    inside = node_mask[targets] & node_mask[sources]
+    pruned_hat = coo_normalized_abs(n, targets, torch.where(inside, weights, torch.zeros_like(weights)))
+    edge_scores = pruned_hat * (coo_series(n, targets, sources, pruned_hat, w) + w)[targets]
+    edge_mask = (edge_scores >= _cutoff(edge_scores, edge_threshold)) & (pruned_hat > 0)
+
+    is_comp, is_delta = masks["comp"], masks["delta"]
+    while True:  # step 6
+        edge_mask &= node_mask[targets] & node_mask[sources]
+        has_out = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, sources[edge_mask], True)
+        has_in = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, targets[edge_mask], True)
+        keep = node_mask & ~((is_comp | is_delta) & ~has_out) & ~(is_comp & ~has_in)
+        if torch.equal(keep, node_mask):
+            break
+        node_mask &= keep
+    return CooPruneMasks(node_mask, edge_mask, node_influence)
+
+
 def _check_digraph(G: nx.DiGraph) -> None:
     if not isinstance(G, nx.DiGraph) or G.is_multigraph():
         raise VpdError(f"`G` must be a networkx DiGraph (not a multigraph); got {type(G).__name__}.")
@@ -226,7 +343,7 @@ def _with(G: nx.DiGraph, nodes: Sequence[Hashable], edges: Sequence[tuple[Hashab
 def prune_graph(
     G: nx.DiGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, weight: str = "weight"
 ) -> nx.DiGraph:
-    """Influence-prune a networkx graph; `influence_prune` on its dense adjacency.
+    """Influence-prune a networkx graph; `prune_coo` on its edge list.
 
     Args:
         G: Graph whose nodes have a `kind` attribute and whose logit nodes have a `prob` attribute.
@@ -247,22 +364,23 @@ def prune_graph(
     nodes = list(G.nodes)
     position = {v: i for i, v in enumerate(nodes)}
     kinds = [str(_node_attr(G, v, "kind")) for v in nodes]
-    probs = [float(_node_attr(G, v, "prob")) for v, k in zip(nodes, kinds, strict=True) if k == "logit"]
-    A = torch.zeros(len(nodes), len(nodes), dtype=torch.float64)
-    for u, v, data in G.edges(data=True):
+    logit_weights = torch.zeros(len(nodes), dtype=torch.float64)
+    for i, (v, k) in enumerate(zip(nodes, kinds, strict=True)):
+        if k == "logit":
+            logit_weights[i] = float(_node_attr(G, v, "prob"))
+    edges = list(G.edges(data=True))
+    for u, v, data in edges:
         if weight not in data:
             raise VpdError(f"Edge ({u!r}, {v!r}) of `G` has no {weight!r} attribute; check the `weight` argument.")
-        A[position[v], position[u]] = float(data[weight])
-    result = influence_prune(
-        A,
-        kinds,
-        torch.tensor(probs, dtype=torch.float64),
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
-    )
+    targets = torch.tensor([position[v] for _, v, _ in edges], dtype=torch.long)
+    sources = torch.tensor([position[u] for u, _, _ in edges], dtype=torch.long)
+    weights = torch.tensor([float(data[weight]) for *_, data in edges], dtype=torch.float64)
+    result = prune_coo(
+        len(nodes), targets, sources, weights, kinds, logit_weights,
+        node_threshold=node_threshold, edge_threshold=edge_threshold,
+    )  # fmt: skip
     kept = [v for v, keep in zip(nodes, result.node_mask.tolist(), strict=True) if keep]
-    edges = [(u, v) for u, v in G.edges if bool(result.edge_mask[position[v], position[u]])]
-    H = _with(G, kept, edges)
+    H = _with(G, kept, [(u, v) for (u, v, _), keep in zip(edges, result.edge_mask.tolist(), strict=True) if keep])
     for v in kept:
         H.nodes[v]["influence"] = float(result.influence[position[v]])
     return H

@@ -1,0 +1,86 @@
+"""Every default of a prompt's attribution graph, in one frozen model (attribution-graphs.md §3–§6).
+
+`GraphSettings` is what `attrgraph.attribute_prompt` takes and what a graph stores under
+`G.graph["settings"]`. λ_min defaults to the paper's value for the optimisation mode (`L_MIN`).
+Build settings from user input with `graph_settings(**values)`, which reports a bad value as one
+sentence naming the setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from decomposer.errors import VpdError
+
+L_MIN = {"adversarial": 0.09, "ci": 1.0, "stochastic": 0.09}  # paper values (attribution-graphs.md §4)
+DEFAULT_MAX_NODES = 7500  # subcomponent nodes whose inputs are computed; circuit-tracer's default feature cap
+
+
+class GraphSettings(BaseModel):
+    """How one prompt's graph is built, pruned and checked.
+
+    Attributes:
+        optimize: Re-fit the prompt's CI first ("adversarial", "ci", "stochastic") or use the CI network's
+            ("none").
+        steps: Steps of the per-prompt optimisation.
+        lr: Its peak learning rate.
+        l_min: Its minimality coefficient; None takes `L_MIN[optimize]`.
+        pgd_steps: PGD steps of the adversary, in the optimisation and in the faithfulness report.
+        n_samples: Stochastic draws of the faithfulness report.
+        restarts: PGD restarts of the faithfulness report.
+        seed: Seeds the optimisation and the report.
+        report: Compute the faithfulness report (always on when `optimize` is not "none").
+        max_nodes: Subcomponent nodes whose incoming edges are computed, chosen by estimated influence on the
+            logits (embedding, delta and logit nodes are always kept); None computes every node's edges.
+        batch_size: Target nodes per backward pass (prompt copies per forward).
+        weight_by_source_ci: Multiply edges from a subcomponent by its CI (the paper's form).
+        max_logits: Logit nodes at most: the label, then the likeliest tokens ...
+        logit_prob: ... until their cumulative probability reaches this.
+        node_threshold: Influence share of the nodes kept by pruning.
+        edge_threshold: Score share of the edges kept by pruning.
+        qk_top: q/k pairs kept per o node of the pruned graph (0: none).
+        max_memory_gb: Refuse a graph whose estimated peak memory exceeds this; None: the memory available now.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    optimize: Literal["none", "adversarial", "ci", "stochastic"] = "none"
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    l_min: float | None = Field(None, ge=0)
+    pgd_steps: int = Field(4, ge=0)
+    n_samples: int = Field(64, ge=64)
+    restarts: int = Field(4, ge=1)
+    seed: int = 0
+    report: bool = False
+    max_nodes: int | None = Field(DEFAULT_MAX_NODES, ge=1, strict=True)
+    batch_size: int = Field(32, ge=1, strict=True)
+    weight_by_source_ci: bool = True
+    max_logits: int = Field(10, ge=1)
+    logit_prob: float = Field(0.95, gt=0, le=1)
+    node_threshold: float = Field(0.8, ge=0, le=1)
+    edge_threshold: float = Field(0.98, ge=0, le=1)
+    qk_top: int = Field(5, ge=0)
+    max_memory_gb: float | None = Field(None, gt=0)
+
+    @property
+    def lambda_min(self) -> float | None:
+        """The minimality coefficient in effect: `l_min`, else the paper's value for `optimize`."""
+        return self.l_min if self.l_min is not None else L_MIN.get(self.optimize)
+
+
+def graph_settings(base: GraphSettings | None = None, **values: object) -> GraphSettings:
+    """`GraphSettings` with `values` over `base` (default: the defaults).
+
+    Raises:
+        VpdError: A value of the wrong type or out of range, named with the fix.
+    """
+    try:
+        return GraphSettings.model_validate({**(base.model_dump() if base else {}), **values})
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        hint = " Pass a positive integer such as 7500, or None for no budget." if name == "max_nodes" else ""
+        raise VpdError(f"`{name}` {first['msg'].lower()} (got {first.get('input')!r}).{hint}") from None
