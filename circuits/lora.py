@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from circuits.edit import EditMetrics, EditPoint, edit_metrics
+from circuits.edit_metrics import EditMetrics, EditPoint, edit_metrics
 from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
 from decomposer.vpd.targets import read_weight

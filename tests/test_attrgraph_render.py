@@ -133,6 +133,7 @@ def test_circuit_tracer_json(graph):
     assert set(out) == {"metadata", "qParams", "nodes", "links"}
     meta = out["metadata"]
     assert {"slug", "scan", "prompt", "prompt_tokens", "node_threshold", "schema_version", "info"} <= set(meta)
+    assert meta["transcoder_list"] == []
     assert meta["slug"] == "tiny-test" and meta["scan"] == "tiny" and meta["prompt_tokens"][2] == NASTY
     assert meta["info"]["report"] == REPORT and meta["info"]["settings"]["ci_threshold"] == 0.1
     assert set(out["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
@@ -141,11 +142,12 @@ def test_circuit_tracer_json(graph):
     assert set(nodes) == set(graph.nodes) and len(out["nodes"]) == graph.number_of_nodes()
     assert len({n["node_id"] for n in out["nodes"]}) == len(out["nodes"])
     assert len(out["links"]) == graph.number_of_edges()
-    kinds = {"comp": "vpd subcomponent", "delta": "vpd delta", "emb": "embedding", "logit": "logit"}
+    kinds = {"comp": "vpd subcomponent", "delta": "vpd delta error", "emb": "embedding", "logit": "logit"}
     for vid, node in nodes.items():
         assert node["feature_type"] == kinds[graph.nodes[vid]["kind"]]
         assert node["ctx_idx"] == graph.nodes[vid]["pos"]
-        assert node["clerp"] == graph.nodes[vid]["label"]
+        if graph.nodes[vid]["kind"] != "logit":
+            assert node["clerp"] == graph.nodes[vid]["label"]
     assert nodes["emb@1"]["layer"] == "E" and nodes["logit/42@3"]["layer"] == "5"
     assert [v for v, n in nodes.items() if n["is_target_logit"]] == ["logit/42@3"]
     assert nodes["logit/42@3"]["token_prob"] == 0.8125
@@ -167,6 +169,48 @@ def test_circuit_tracer_json(graph):
         to_circuit_tracer(graph, slug="s", module_sizes={Q: 100})
     with pytest.raises(VpdError, match="node_threshold"):
         to_circuit_tracer(graph, slug="s", node_threshold=80)
+
+
+# What circuit-tracer 0.5.0's file model (circuit_tracer.frontend.graph_models) requires, with types;
+# benchmarks/peers/validate_export.py checks the same export against the model itself.
+_CT_METADATA = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str}
+_CT_NODE = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "jsNodeId": str}
+_CT_NODE_OPTIONAL = {"token_prob": float, "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "clerp": str}
+
+
+def test_circuit_tracer_json_has_the_file_models_fields(graph):
+    out = json.loads(json.dumps(to_circuit_tracer(graph, slug="tiny-test")))
+    for key, kind in _CT_METADATA.items():
+        assert isinstance(out["metadata"][key], kind), key
+    assert all(isinstance(t, str) for t in out["metadata"]["transcoder_list"] + out["metadata"]["prompt_tokens"])
+    for node in out["nodes"]:
+        for key, kind in {**_CT_NODE, **_CT_NODE_OPTIONAL}.items():
+            assert type(node[key]) is kind, (node["node_id"], key)  # bool is no int here, nor int a float
+        for key in ("influence", "activation"):
+            assert node[key] is None or isinstance(node[key], float), (node["node_id"], key)
+    assert all(set(link) == {"source", "target", "weight"} for link in out["links"])
+
+
+def test_circuit_tracer_logit_clerp_and_influence_read_as_the_frontend_reads_them(graph):
+    graph.nodes["logit/7@3"]["logit_token"] = ' "x'  # a quote inside the token
+    for _, attrs in graph.nodes(data=True):
+        attrs.pop("influence", None)
+    graph.nodes[f"comp/{DOWN}/11@3"]["influence"] = 0.5
+    graph.nodes[f"comp/{OUT}/3@3"]["influence"] = 0.3
+    graph.nodes[f"comp/{K}/7@2"]["influence"] = 0.2
+    out = to_circuit_tracer(graph, slug="tiny-test")
+    nodes = {n["vpd_node_id"]: n for n in out["nodes"]}
+    # util-cg.js: logitPct = +clerp.split('(p=')[1].split(')')[0]; the target's text is the graph's target token.
+    for vid, token, prob in (("logit/42@3", " c", 0.8125), ("logit/7@3", ' "x', 0.125)):
+        clerp = nodes[vid]["clerp"]
+        assert clerp == f'Output "{token}" (p={prob:.3f})'
+        assert float(clerp.split("(p=")[1].split(")")[0]) == pytest.approx(prob, abs=5e-4)
+    # influence is the cumulative share in descending order, as in circuit-tracer's files.
+    assert nodes[f"comp/{DOWN}/11@3"]["influence"] == pytest.approx(0.5 / 1.0)
+    assert nodes[f"comp/{OUT}/3@3"]["influence"] == pytest.approx(0.8 / 1.0)
+    assert nodes[f"comp/{K}/7@2"]["influence"] == pytest.approx(1.0)
+    assert nodes[f"comp/{K}/7@2"]["vpd_influence"] == 0.2
+    assert nodes["emb@0"]["influence"] is None
 
 
 def test_render_html_is_offline_escaped_and_complete(graph, tmp_path):

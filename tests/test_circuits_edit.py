@@ -11,18 +11,14 @@ import torch
 from torch import nn
 
 from circuits.edit import (
-    EditPoint,
     activation_sign,
     component_activity,
-    edit_metrics,
     edit_write_vector,
     find_token_specific,
-    metrics_from_stats,
-    position_stats,
     resolve_component,
-    surrounding_mask,
     unembedding_direction,
 )
+from circuits.edit_metrics import EditPoint, edit_metrics, metrics_from_stats, position_stats, surrounding_mask
 from circuits.lora import LoraAdapter, LoraPoint, attached, lora_sweep, lora_windows, merge, pareto_plot, train_lora
 from decomposer.errors import VpdError
 from tests.conftest import float64_decomposition, tiny_llama
