@@ -11,7 +11,8 @@ Every function here reads an `nx.DiGraph` in one convention (attribution-graphs.
   - `row`: the grid row, 0 for embeddings, each block's rows above it and the logits on top;
   - `ci` (float, 1.0 for emb/logit/delta nodes), `activation` (float), `influence` (float,
     optional), `label` (str) and `token` (the prompt token at `pos`, str);
-  - logits also carry `prob` (probability under the target model) and `token_id`.
+  - logits also carry `prob` (probability under the target model) and `token_id`, and may carry
+    `logit_token` (the decoded text of that token).
 - Edge attributes: `weight` (signed float) and `cross_position` (bool).
 - Graph attributes (`G.graph`): `prompt` (str), `prompt_tokens` (list[str]), `target_pos` (int),
   `target_token` (str), `report` (dict: name → float, e.g. P(target) under the target, CI,
@@ -40,7 +41,9 @@ NODE_LINK_FORMAT = "attribution_graph_node_link"
 NODE_LINK_FORMAT_VERSION = 1
 CIRCUIT_TRACER_SCHEMA_VERSION = 1
 
-_FEATURE_TYPES = {"comp": "vpd subcomponent", "delta": "vpd delta", "emb": "embedding", "logit": "logit"}
+# The frontends treat a feature_type containing "error" as an error node (the share of a node's input
+# that comes from outside the replacement); δ is the decomposition's counterpart.
+_FEATURE_TYPES = {"comp": "vpd subcomponent", "delta": "vpd delta error", "emb": "embedding", "logit": "logit"}
 
 
 def to_node_link(G: nx.DiGraph) -> dict[str, Any]:
@@ -184,6 +187,32 @@ def _target_logit(G: nx.DiGraph) -> str | None:
     return max(logits, key=lambda n: (G.nodes[n].get("prob", -math.inf), n))
 
 
+def _logit_text(G: nx.DiGraph, node: str, target: str | None) -> str:
+    """The decoded token of a logit node: `logit_token`, else the graph's target token, else its id."""
+    attrs = G.nodes[node]
+    if attrs.get("logit_token") is not None:
+        return str(attrs["logit_token"])
+    if node == target and G.graph.get("target_token") is not None:
+        return str(G.graph["target_token"])
+    return f"token {attrs.get('token_id', attrs.get('index'))}"
+
+
+def _cumulative_influence(G: nx.DiGraph) -> dict[str, float]:
+    """Each node's cumulative share of the graph's influence, taken in descending order of influence.
+
+    circuit-tracer's graph files carry this in `influence` (not the raw value): its frontend's pruning
+    slider keeps the nodes whose share is at most the slider's value. Nodes without an `influence`
+    attribute get none.
+    """
+    scored = [(float(a["influence"]), n) for n, a in G.nodes(data=True) if a.get("influence") is not None]
+    total = sum(max(v, 0.0) for v, _ in scored)
+    shares, running = {}, 0.0
+    for value, n in sorted(scored, key=lambda item: (-item[0], item[1])):
+        running += max(value, 0.0)
+        shares[n] = running / total if total > 0 else 1.0
+    return shares
+
+
 def to_circuit_tracer(
     G: nx.DiGraph,
     *,
@@ -192,14 +221,21 @@ def to_circuit_tracer(
     scan: str | None = None,
     module_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The graph in circuit-tracer / Neuronpedia graph JSON (schema version 1), in spirit.
+    """The graph as a circuit-tracer / Neuronpedia graph file (schema version 1).
 
-    Node ids copy circuit-tracer's patterns so that the stock frontends parse them: subcomponents
+    The result validates against circuit-tracer's own file model (`circuit_tracer.frontend.graph_models.Model`,
+    checked by `benchmarks/peers/validate_export.py`). Node ids copy circuit-tracer's patterns so that
+    the stock frontends parse them: subcomponents
     `{row}_{feature}_{pos}`, embeddings `E_{token_id}_{pos}`, logits `{row}_{token_id}_{pos}` and
     deltas (our error nodes) `{row}_delta{m}_{pos}` with m the module's place in the module order.
     Each node also carries `vpd_node_id`, its canonical id in `G`. `feature` is a global flat
     subcomponent index: the offset of the module (sum of C over earlier modules in
     `metadata.info.module_order`) plus c.
+
+    As in circuit-tracer's files, a logit's `clerp` is `Output "{token}" (p={prob:.3f})` (the frontend
+    reads the probability after "(p="), and `influence` is the node's cumulative share of the graph's
+    influence in descending order (its pruning slider compares that share); the raw influence stays in
+    `vpd_influence`. `metadata.transcoder_list` is empty, as circuit-tracer writes it for a single scan.
 
     Args:
         G: An attribution graph (see the module docstring).
@@ -222,6 +258,7 @@ def to_circuit_tracer(
     settings = copy.deepcopy(G.graph.get("settings", {}))
     order, sizes, offsets = _module_layout(G, module_sizes)
     target = _target_logit(G)
+    shares = _cumulative_influence(G)
     ids: dict[str, str] = {}
     nodes: list[dict[str, Any]] = []
     for n, attrs in G.nodes(data=True):
@@ -242,6 +279,8 @@ def to_circuit_tracer(
         else:
             raise VpdError(f"Node {n!r} has `kind`={kind!r}; expected one of comp, emb, logit, delta.")
         ids[n] = node_id
+        prob = float(attrs.get("prob", 0.0)) if kind == "logit" else 0.0
+        label = f'Output "{_logit_text(G, n, target)}" (p={prob:.3f})' if kind == "logit" else attrs.get("label", n)
         nodes.append(
             {
                 "node_id": node_id,
@@ -250,12 +289,13 @@ def to_circuit_tracer(
                 "layer": "E" if kind == "emb" else str(row),
                 "ctx_idx": pos,
                 "feature_type": _FEATURE_TYPES[kind],
-                "token_prob": float(attrs.get("prob", 0.0)) if kind == "logit" else 0.0,
+                "token_prob": prob,
                 "is_target_logit": n == target,
                 "run_idx": 0,
                 "reverse_ctx_idx": 0,
-                "clerp": str(attrs.get("label", n)),
-                "influence": attrs.get("influence"),
+                "clerp": str(label),
+                "influence": shares.get(n),
+                "vpd_influence": attrs.get("influence"),
                 "activation": attrs.get("activation"),
                 "ci": attrs.get("ci"),
                 "vpd_node_id": n,
@@ -269,6 +309,7 @@ def to_circuit_tracer(
         "slug": slug,
         "scan": scan if scan is not None else str(settings.get("model", "vpd")),
         "prompt": G.graph.get("prompt", ""),
+        "transcoder_list": [],
         "prompt_tokens": list(G.graph.get("prompt_tokens", [])),
         "node_threshold": node_threshold,
         "schema_version": CIRCUIT_TRACER_SCHEMA_VERSION,

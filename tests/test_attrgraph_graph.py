@@ -46,6 +46,7 @@ def test_graph_nodes_edges_and_attributes(micro):
     target_id = tok(" her", add_special_tokens=False)["input_ids"][0]
     assert logits[0] == str(NodeId.logit(target_id, G.graph["target_pos"]))
     assert G.nodes[logits[0]]["is_target"] and 0 < G.nodes[logits[0]]["prob"] < 1
+    assert [G.nodes[n]["logit_token"] for n in logits] == [tok.decode([G.nodes[n]["token_id"]]) for n in logits]
     assert G.number_of_edges() > 0 and all(w != 0 for *_, w in G.edges(data="weight"))
     for u, v, cross in G.edges(data="cross_position"):
         if cross:
