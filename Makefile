@@ -42,6 +42,7 @@ check-lock: $(VENV)/.installed-dev
 
 test: $(VENV)/.installed-dev check-lock
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory browser-deps
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest --nbmake notebooks
 
@@ -58,3 +59,11 @@ lock: $(BIN)/activate
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The browser tests drive Debian's chromium through chromedriver; apt installs both when missing
+# (directly as root, else through sudo).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	fi

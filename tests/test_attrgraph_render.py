@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -10,6 +11,7 @@ from html.parser import HTMLParser
 import networkx as nx
 import pytest
 
+from attrgraph.explorer.payload import MIN_COLUMN, NODE_GAP, explorer_payload, fallback_influence
 from attrgraph.export import (
     from_node_link,
     load_graph_json,
@@ -17,7 +19,7 @@ from attrgraph.export import (
     to_circuit_tracer,
     to_node_link,
 )
-from attrgraph.render import render_html, render_png
+from attrgraph.render import render_html, render_png, render_svg
 from decomposer.errors import ArtifactFormatError, VpdError
 
 NASTY = "</script><b>&"
@@ -213,42 +215,53 @@ def test_circuit_tracer_logit_clerp_and_influence_read_as_the_frontend_reads_the
     assert nodes["emb@0"]["influence"] is None
 
 
+def _page_data(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="vpd-data">(.*?)</script>', page, re.S).group(1))
+
+
 def test_render_html_is_offline_escaped_and_complete(graph, tmp_path):
     before = copy.deepcopy(_snapshot(graph))
     path = render_html(graph, tmp_path / "graph.html", title=f"Graph {NASTY}")
     page = path.read_text(encoding="utf-8")
 
-    for node in graph.nodes:
-        assert json.dumps(node) in page, node
-    assert "http://" not in page and "https://" not in page
+    # Nothing to fetch: no remote src/href, and a policy that forbids loading anything at all.
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
-
+    assert "default-src 'none'" in page and page.count("<script") == page.count("</script>")
     assert NASTY not in page and "<b>&" not in page
     # Every '</script>' in the file closes a real script element (the browser's tokenizer agrees).
     tags = _ScriptTags()
     tags.feed(page)
     tags.close()
     assert tags.opened == tags.closed == page.count("</script>") >= 3
-    assert "&lt;/script&gt;&lt;b&gt;&amp;" in page  # panel, page title
-    assert "&lt;|endoftext|&gt;" in page
-    assert "\\u0026lt;/script\\u0026gt;" in page  # labels and tooltips inside the node JSON
     assert "<title>Graph &lt;/script&gt;&lt;b&gt;&amp;</title>" in page
+    assert "\\u003c/script\\u003e\\u003cb\\u003e\\u0026" in page  # the token inside the embedded JSON
 
-    options = json.loads(re.search(r"var options = (\{.*?\});\n", page, re.S).group(1))
-    assert options["physics"]["enabled"] is False and options["edges"]["smooth"] is False
-    nodes = json.loads(re.search(r"nodes = new vis\.DataSet\((\[.*?\])\);\n", page, re.S).group(1))
-    assert all("x" in n and "y" in n for n in nodes) and len(nodes) == graph.number_of_nodes()
-    y = {n["id"]: n["y"] for n in nodes}
-    assert y["emb@0"] > y[f"comp/{Q}/5@3"] > y["logit/42@3"]  # embeddings at the bottom (screen y grows down)
-    x = {n["id"]: n["x"] for n in nodes}
-    assert x[f"comp/{Q}/5@3"] < x[f"comp/{Q}/2@3"]  # same cell: higher CI first
+    data = _page_data(page)
+    assert data["tokens"] == TOKENS  # the escapes decode back to the exact tokens
+    assert data["rows"] == ["Emb", "L0 attn q", "L0 attn k", "L0 attn o", "L0 mlp up", "L0 mlp down", "Logits"]
+    nodes = {n["id"]: n for n in data["nodes"]}
+    assert set(nodes) == set(graph.nodes)
+    assert nodes[f"delta/{DOWN}@3"]["row"] == nodes[f"comp/{DOWN}/11@3"]["row"] == 5  # a delta sits in its matrix's row
+    y = {k: n["y"] for k, n in nodes.items()}
+    assert y["emb@0"] > y[f"comp/{Q}/5@3"] > y[f"comp/{K}/7@2"] > y["logit/42@3"]  # screen y grows down
+    x = {k: n["x"] for k, n in nodes.items()}
+    assert x[f"comp/{Q}/5@3"] < x[f"comp/{Q}/2@3"]  # same cell: more influence first
     assert x["logit/42@3"] < x["logit/7@3"]  # logits by probability
+    assert x["emb@0"] < x["emb@1"] < x["emb@2"] < x["emb@3"]
+    assert nodes[f"comp/{OUT}/3@3"]["key"] == "0.attn.o:3" and nodes[f"comp/{OUT}/3@3"]["inf"] == pytest.approx(0.08)
+    assert len(data["edges"]) == graph.number_of_edges()
+    assert data["qk"] == [{"o": _index(data, f"comp/{OUT}/3@3"), "q": _index(data, f"comp/{Q}/5@3"),
+                           "k": _index(data, f"comp/{K}/7@2"), "strength": 1.75}]  # fmt: skip
 
     panel = page[page.index('<div id="vpd-panel">') :]
-    for name, value in REPORT.items():
-        assert f"<td>{name}</td><td>{value}</td>" in panel
-    assert "<td>1.75</td>" in panel and "selectNode" in page
+    for value in REPORT.values():
+        assert f"<td>{value:.3g}</td>" in panel
+    assert "<td>1.75</td>" in panel and 'id="vpd-node-threshold"' in panel
     assert _snapshot(graph) == before
+
+
+def _index(data: dict, node: str) -> int:
+    return next(i for i, n in enumerate(data["nodes"]) if n["id"] == node)
 
 
 def test_render_html_refuses_large_graphs(graph, tmp_path):
@@ -261,9 +274,85 @@ def test_render_html_refuses_large_graphs(graph, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_render_png(graph, tmp_path):
+def test_explorer_columns_fit_the_busiest_cell(graph):
+    narrow = explorer_payload(graph)
+    assert narrow["column"] == MIN_COLUMN and narrow["n_cols"] == 4
+    for c in range(20, 40):  # 20 more up nodes in one cell
+        node, attrs = _comp(UP, "up", c, 2, 3, ci=0.5)
+        graph.add_node(node, **{**attrs, "influence": 0.001 * c})
+    wide = explorer_payload(graph)
+    assert wide["column"] == 21 * NODE_GAP + NODE_GAP
+    cell = sorted((n for n in wide["nodes"] if n["attrs"]["sublayer"] == "up"), key=lambda n: n["x"])
+    assert [n["inf"] for n in cell] == sorted((n["inf"] for n in cell), reverse=True)
+    assert cell[0]["x"] > 2 * wide["column"] and cell[-1]["x"] < 3 * wide["column"]  # inside column 2
+
+
+def test_fallback_influence_sums_every_path_to_the_logits(graph):
+    """Without node influence the explorer computes w^T((I - A)^-1 - I), A the row-normalised |weights|."""
+    import numpy as np
+
+    for _, attrs in graph.nodes(data=True):
+        attrs.pop("influence", None)
+    got = fallback_influence(graph)
+    order = list(graph.nodes)
+    A = np.abs(nx.to_numpy_array(graph, nodelist=order, weight="weight")).T  # A[target, source]
+    A = A / np.where(A.sum(1, keepdims=True) > 0, A.sum(1, keepdims=True), 1.0)
+    w = np.array([graph.nodes[n].get("prob", 0.0) if graph.nodes[n]["kind"] == "logit" else 0.0 for n in order])
+    w = w / w.sum()
+    want = w @ (np.linalg.inv(np.eye(len(order)) - A) - np.eye(len(order)))
+    assert [got[n] for n in order] == pytest.approx(want.tolist())
+    assert got[f"comp/{DOWN}/11@3"] > got["emb@1"] == 0.0  # emb@1 reaches no logit
+    data = explorer_payload(graph)
+    assert {n["id"]: n["inf"] for n in data["nodes"]} == pytest.approx(got)
+
+
+def test_explorer_cards_come_from_the_harvest(graph, tmp_path):
+    summary = {
+        "density": 0.0123,
+        "input_precision": [{"id": 5, "token": " Paris", "precision": 0.9}, {"id": 6, "token": NASTY}],
+        "output": [{"id": 7, "token": " France"}],
+        "top_examples": [{"tokens": [1, 5, 2], "center": 1, "ci": 0.97, "text": [" in", " Paris", NASTY]}],
+        "label": "fires on ' Paris' → writes ' France'",
+    }
+    path = render_html(graph, tmp_path / "g.html", harvest={"0.attn.o:3": summary, "9.mlp.up:1": summary})
+    page = path.read_text(encoding="utf-8")
+    assert NASTY not in page
+    cards = _page_data(page)["cards"]
+    assert set(cards) == {"0.attn.o:3"}  # only subcomponents in the graph
+    card = cards["0.attn.o:3"]
+    assert card["inputs"] == [" Paris", NASTY] and card["outputs"] == [" France"] and card["density"] == 0.0123
+    assert card["examples"] == [{"text": [" in", " Paris", NASTY], "center": 1, "ci": 0.97}]
+
+
+def test_render_png_and_svg(graph, tmp_path):
     before = copy.deepcopy(_snapshot(graph))
-    path = render_png(graph, tmp_path / "graph.png")
-    data = path.read_bytes()
+    data = render_png(graph, tmp_path / "graph.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    svg = render_svg(graph, tmp_path / "graph.svg").read_text(encoding="utf-8")
+    texts = [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+    for row in ("Emb", "L0 attn q", "L0 mlp down", "Logits"):  # named rows
+        assert row in texts
+    assert "␣a\n1" in "\n".join(texts) or ("␣a" in texts and "1" in texts)  # tokens with visible whitespace
+    assert "+ edge" in texts and "down" in texts  # the legend
+    assert NASTY.replace(" ", "␣") in "".join(texts)
+    assert render_svg(graph, tmp_path / "again.svg").read_bytes() == (tmp_path / "graph.svg").read_bytes()
     assert _snapshot(graph) == before
+
+
+def test_static_figure_labels_never_overlap():
+    """A crowded cell: 30 labelled nodes at one position; the figure keeps some labels and none overlap."""
+    from attrgraph.figure import _figure
+
+    G = nx.DiGraph(prompt="a b", prompt_tokens=["a", " b"], target_pos=1, target_token=" c")
+    G.add_node("emb@1", **_node("emb", 1, 0, "emb:1"))
+    for c in range(30):
+        node, attrs = _comp(DOWN, "down", c, 1, 4, ci=1.0)
+        G.add_node(node, **{**attrs, "label": f"0.mlp.down:1:{c} writes token number {c}", "influence": 1.0 - c / 30})
+        G.add_edge("emb@1", node, weight=1.0, cross_position=False)
+    fig = _figure(G, max_labels=30)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert 3 <= len(boxes) < 30
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert ax.texts[0].get_text() == "writes token number 0"  # the most influential first, key prefix dropped
