@@ -12,65 +12,41 @@ subcomponent whose matrix is nearest to it, then checks both directions, distinc
 inputs.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from decomposer.errors import VpdError
-from decomposer.vpd.config import DecomposeConfig
+from decomposer.vpd.toy_run import load_toy_config, train_target
 from decomposer.vpd.toys import TMS, sparse_feature_batches, train_tms
 from decomposer.vpd.train import decompose
 
-N_FEATURES, N_HIDDEN, C = 5, 2, 40
-P_ACTIVE = 0.05
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "toys" / "tms_5-2.yaml"
+TOY = load_toy_config(CONFIG_FILE)  # the recipe `vpd toy tms_5-2` runs and docs/toys.md states
+N_FEATURES, N_HIDDEN = TOY.toy.n_features, TOY.toy.n_hidden
+C = TOY.decompose.modules[0].C
+P_ACTIVE = TOY.toy.feature_probability
 PATHS = ("W_in", "W_out")
 # One-hot inputs: feature i alone at each value. Up to 0.75 the trained toy keeps every other output at (nearly) 0,
 # so feature i's pieces are the only mechanism in play; near 1 its neighbours on the pentagon start to leak through
 # the ReLU, and a decomposition may rightly give them some CI there. Below about 0.5 a feature changes the output so
 # little that its CI may be low, so "high" is checked at the top value only.
 ONE_HOT_VALUES = (0.25, 0.5, 0.75)
-HIGH_CI_VALUE = 0.75
+HIGH_CI_VALUE = TOY.one_hot_value
 
-# Based on the SPD paper's TMS 5-2 recipe (per-component `mlp` CI, MSE output loss, importance 3e-3, no adversary,
-# a 200-step faithfulness warm-up at lr 0.01, data with feature probability 0.05), shortened from 10k steps of 4096
-# rows at lr 1e-3 to 1k steps of 512 rows at lr 1e-2. Three changes make it recover every feature in so few steps.
-# Over 6 toy seeds x 3 decomposition seeds, 17 of 18 runs pass this file, and 13 of 18 with C 20. With C 20 and CI
-# width 16 or 32, about half of the runs tried pass; with C 20, width 16 and p fixed at 1, none of 4 tried.
+# configs/toys/tms_5-2.yaml is based on the SPD paper's TMS 5-2 recipe (per-component `mlp` CI, MSE output loss,
+# importance 3e-3, no adversary, a 200-step faithfulness warm-up at lr 0.01, data with feature probability 0.05),
+# shortened from 10k steps of 4096 rows at lr 1e-3 to 1k steps of 512 rows at lr 1e-2. Three changes make it recover
+# every feature in so few steps. Over 6 toy seeds x 3 decomposition seeds, 17 of 18 runs pass this file, and 13 of
+# 18 with C 20. With C 20 and CI width 16 or 32, about half of the runs tried pass; with C 20, width 16 and p fixed
+# at 1, none of 4 tried.
 # - CI hidden width 1 instead of 16: the CI of a subcomponent is then (up to GELU's small dip) monotone in its
 #   activation a_c = x v_c. With 16 units it can be high for both signs of a_c, and one W_out subcomponent serves
 #   two features 144° apart on the pentagon (its write to the wrong-signed output is cut by the ReLU): the
 #   sign-keyed "bisemantic" subcomponent.
 # - VPD's frequency term (β 0.5) and a p anneal 2 → 0.5 over the first half, against two features sharing one.
 # - C 40 instead of 20 per matrix: more starting subcomponents, so adjacent W_in features rarely start out shared.
-CONFIG = {
-    "target": "tms-5-2",
-    "modules": [{"pattern": "W_in", "C": C}, {"pattern": "W_out", "C": C}],
-    "ci": {"kind": "mlp", "hidden": 1},
-    "loss": {
-        "output_loss": "mse",
-        "faithfulness": 1.0,
-        "stochastic": 1.0,
-        "adversarial": 0.0,
-        "importance": 3e-3,
-        "frequency_beta": 0.5,
-        "p_start": 2.0,
-        "p_end": 0.5,
-        "p_anneal_end_frac": 0.5,
-        "routing": "uniform_k",
-    },
-    "adversary": {"kind": "none"},
-    "optim": {
-        "steps": 1000,
-        "batch_size": 512,
-        "lr": 1e-2,
-        "lr_final_frac": 0.0,
-        "clip_uv": None,
-        "faithfulness_warmup_steps": 200,
-        "faithfulness_warmup_lr": 1e-2,
-        "seed": 0,
-    },
-    "eval": {"every": 10_000},
-    "checkpoint_every": 10_000,
-}
 
 
 def feature_piece(weight: torch.Tensor, path: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +62,13 @@ def abs_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def tms():
     """The trained toy (a few seconds)."""
-    return train_tms(N_FEATURES, N_HIDDEN, p_active=P_ACTIVE, tied=True, seed=0)
+    return train_target(TOY.toy, seed=0)
 
 
 @pytest.fixture(scope="module")
 def decomposed(tms, tmp_path_factory):
     """The decomposition of `tms` (about 15 s on one core)."""
-    config = DecomposeConfig.model_validate(CONFIG)
+    config = TOY.decompose
     batches = sparse_feature_batches(N_FEATURES, config.optim.batch_size, P_ACTIVE, seed=1)
     return decompose(config, tmp_path_factory.mktemp("tms"), target=tms, batches=batches)
 
@@ -233,3 +209,18 @@ def test_tied_training_copies_w_in_transposed_into_w_out():
 def test_bad_arguments_raise_one_sentence(call, message):
     with pytest.raises(VpdError, match=message):
         call()
+
+
+@pytest.mark.slow
+def test_toy_score_finds_every_feature_of_the_decomposition(decomposed):
+    """`vpd toy`'s scoring agrees with the checks above on the same decomposition."""
+    from decomposer.vpd.toy_score import all_recovered, score_toy
+
+    x = sparse_feature_batches(N_FEATURES, 4096, P_ACTIVE, seed=7)(0)
+    result = score_toy(decomposed, x, one_hot_value=HIGH_CI_VALUE)
+    assert all_recovered(result), result["matrices"]
+    for path in PATHS:
+        row = result["matrices"][path]
+        assert row["recovered"] == N_FEATURES and result["matches"][path] == matches(decomposed, path)
+        assert row["ci_diagonal_mean"] > 0.5 and row["ci_max_off_diagonal"] < 0.1, row
+    assert result["mse_ci"] < 0.2 * result["mse_zero"]

@@ -1,3 +1,3 @@
 """`vpd` subcommands of the circuits package; each module has `register(subparsers)`."""
 
-MODULES = ("ablate", "edit", "harvest", "qk", "study")
+MODULES = ("ablate", "edit", "harvest", "qk", "study", "toy")
