@@ -52,7 +52,10 @@ def _style_key(node: dict[str, Any]) -> str:
 def _short_label(node: dict[str, Any], limit: int = 30) -> str:
     label = str(node["attrs"].get("label") or "")
     if node["kind"] == "logit":
-        return label
+        token, prob = node["attrs"].get("logit_token"), node["attrs"].get("prob")
+        if token is None:
+            return label
+        return show_token(token) + (f"  p={prob:.3g}" if isinstance(prob, float) else "")
     rest = _KEY_PREFIX.sub("", label) or node["key"] or label
     return rest if len(rest) <= limit else rest[: limit - 1] + "…"
 

@@ -36,14 +36,17 @@
   var nRows = rowName.length;
   function nodeName(n) {
     var a = n.attrs;
-    if (n.kind === "logit") { return "logit " + (a.label || a.token_id); }
+    if (n.kind === "logit") { return "logit " + (a.logit_token !== undefined ? showTok(a.logit_token) : (a.label || a.token_id)); }
     if (n.kind === "emb") { return "Emb " + showTok(a.token || "") + " @" + a.pos; }
     return (n.key || n.id) + " @" + a.pos;
   }
   // The canvas label: the node's own label without a leading component key, else its key.
   function shortLabel(n) {
     var a = n.attrs, s = String(a.label || "");
-    if (n.kind === "logit") { return s || "logit " + a.token_id; }
+    if (n.kind === "logit") {
+      if (a.logit_token === undefined || a.logit_token === null) { return s || "logit " + a.token_id; }
+      return showTok(a.logit_token) + (typeof a.prob === "number" ? "  p=" + fmt(a.prob) : "");
+    }
     if (n.kind === "emb") { return ""; }
     var rest = s.replace(/^\S+:\d+(:\d+)?(@\d+)?\s*/, "");
     if (n.kind === "delta") { return "\u0394 " + rowName[n.row]; }
@@ -310,6 +313,7 @@
 
   // ---- view: fit the rows to the height, start at the target's end, horizontal scroll ---------
   var hscroll = document.getElementById("vpd-hscroll"), hinner = hscroll.firstElementChild;
+  var moved = false;
   function syncScroll() {
     var s = network.getScale(), vp = network.getViewPosition();
     hinner.style.width = Math.max((width + 200) * s, container.clientWidth) + "px";
@@ -321,14 +325,18 @@
   hscroll.addEventListener("scroll", function () {
     if (hscroll.dataset.sync) { delete hscroll.dataset.sync; return; }
     var s = network.getScale(), vp = network.getViewPosition();
+    moved = true;
     var x = (hscroll.scrollLeft + container.clientWidth / 2) / s - 100;
     network.moveTo({position: {x: x, y: vp.y}, scale: s, animation: false});
   });
-  ["zoom", "dragEnd", "resize"].forEach(function (ev) { network.on(ev, syncScroll); });
+  // Until the reader moves the view, a resize (the page settling, a new window size) re-fits it.
+  ["zoom", "dragEnd"].forEach(function (ev) { network.on(ev, function () { moved = true; syncScroll(); }); });
+  network.on("resize", function () { if (moved) { syncScroll(); } else { setTimeout(home, 0); } });
   // A sideways or shift+wheel pans; a plain wheel zooms (vis-network's own handler).
   container.addEventListener("wheel", function (ev) {
     if (!(ev.shiftKey || Math.abs(ev.deltaX) > Math.abs(ev.deltaY))) { return; }
     ev.preventDefault(); ev.stopPropagation();
+    moved = true;
     var s = network.getScale(), vp = network.getViewPosition();
     var d = Math.abs(ev.deltaX) > Math.abs(ev.deltaY) ? ev.deltaX : ev.deltaY;
     network.moveTo({position: {x: vp.x + d / s, y: vp.y}, scale: s, animation: false});
