@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,20 +91,39 @@ def _token_text(entry: Mapping[str, Any]) -> str:
     return repr(token) if token is not None else f"#{entry['id']}"
 
 
-def summary_label(summary: Mapping[str, Any]) -> str:
-    """A short label from one component's harvest summary, e.g. `in ' her' → out ' hand'`.
+def _near_top(entries: list[Mapping[str, Any]], limit: int) -> list[Mapping[str, Any]]:
+    """The first `limit` entries within a factor of two of the top one's precision (or PMI, or recall).
 
-    The input part names the token that makes up most of the firings (the top of `input`, ranked by
-    recall), plus the runner-up when the top token explains less than half of them; the output part
-    names the top-PMI output token. An empty string when the summary has no token statistics.
+    Half the precision is the PMI minus log 2, so the rule reads the same on either ranking.
     """
-    inputs, outputs = summary.get("input") or [], summary.get("output") or []
+    if not entries:
+        return []
+    for field, near in (("precision", lambda x, top: x >= top / 2), ("pmi", lambda x, top: x >= top - math.log(2))):
+        top = entries[0].get(field)
+        if isinstance(top, int | float) and math.isfinite(top):
+            return [e for e in entries[:limit] if isinstance(e.get(field), int | float) and near(e[field], top)]
+    top = entries[0].get("recall")
+    if isinstance(top, int | float):
+        return [e for e in entries[:limit] if isinstance(e.get("recall"), int | float) and e["recall"] >= top / 2]
+    return list(entries[:1])
+
+
+def summary_label(summary: Mapping[str, Any], *, n_inputs: int = 3, n_outputs: int = 2) -> str:
+    """What a subcomponent is specific to, from its harvest summary: e.g. `fires on ':' ';' '=' → writes 'o' ')'`.
+
+    The input side names the tokens it fires on most reliably: `input_precision`, ranked by
+    P(fires | token) among tokens that make up a share of its firings (summaries written before it
+    existed fall back to `input_pmi`, then to `input` by recall). The output side names the tokens
+    it makes more likely than usual: `output`, ranked by PMI, where positive. On each side only the
+    tokens within a factor of two of the top one are named. An empty string without token statistics.
+    """
+    inputs = summary.get("input_precision") or summary.get("input_pmi") or summary.get("input") or []
+    outputs = [e for e in summary.get("output") or [] if not isinstance(e.get("pmi"), int | float) or e["pmi"] > 0]
     parts = []
     if inputs:
-        shown = inputs[:2] if inputs[0]["recall"] < 0.5 else inputs[:1]
-        parts.append("in " + "/".join(_token_text(t) for t in shown))
+        parts.append("fires on " + " ".join(_token_text(t) for t in _near_top(list(inputs), n_inputs)))
     if outputs:
-        parts.append("out " + _token_text(outputs[0]))
+        parts.append("writes " + " ".join(_token_text(t) for t in _near_top(outputs, n_outputs)))
     return " → ".join(parts)
 
 

@@ -262,11 +262,20 @@ class Harvest:
         return out
 
     def summary(
-        self, flat: int, *, list_size: int = 10, n_examples: int = 3, min_count: int = 2, text: bool = False
+        self,
+        flat: int,
+        *,
+        list_size: int = 10,
+        n_examples: int = 3,
+        min_count: int = 2,
+        min_share: float = 0.01,
+        text: bool = False,
     ) -> dict[str, Any]:
         """A JSON-ready summary of one subcomponent: rates, ranked token lists, partners, examples, label.
 
         Lists: `input` (by recall), `input_pmi` (by PMI among tokens with at least `min_count` firings),
+        `input_precision` (by precision, P(fires | token), among tokens with at least `min_count` firings
+        that make up at least `min_share` of them, so that one-off rare tokens do not top it),
         `output` (by PMI among tokens whose mean predicted probability at firings is at least 1/vocab),
         `output_bottom` (lowest PMI among tokens with mean predicted probability at least 1/vocab over all
         tokens), `cofiring` (by Jaccard). The probability floors [ours] keep tokens the model never
@@ -287,6 +296,8 @@ class Harvest:
         out["input"] = self._token_list(inp, _top(inp.count, list_size, True))
         sel = (inp.count >= min_count).nonzero().flatten()
         out["input_pmi"] = self._token_list(inp, sel[_top(inp.pmi[sel], list_size, True)])
+        sel = ((inp.count >= min_count) & (inp.recall >= min_share)).nonzero().flatten()
+        out["input_precision"] = self._token_list(inp, sel[_top(inp.precision[sel], list_size, True)])
         outp = self.output_stats(flat)
         if len(outp.token):
             ok = (outp.count > 0) & (self.output_total > 0)

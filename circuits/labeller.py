@@ -35,7 +35,7 @@ class Labeller(Protocol):
 
 
 class StatsLabeller:
-    """Offline labels from the token statistics, e.g. `in ' her' → out ' hand'` (`summary_label`)."""
+    """Offline labels from the token statistics, e.g. `fires on ':' ';' '=' → writes 'o' ')'` (`summary_label`)."""
 
     def label(self, summary: Mapping[str, Any]) -> str:
         return summary_label(summary)

@@ -383,12 +383,18 @@ def test_labels_from_harvest(saved, tmp_path_factory):
     fired = torch.cat([b[g[..., 0] > 0.1] for b, g in zip(batches, gs, strict=True)])
     counts = torch.bincount(fired, minlength=VOCAB)
     assert s["input"][0]["id"] == int(counts.argmax()) and s["input"][0]["count"] == int(counts.max())
-    assert labels["0.attn.q:0"].startswith(f"in {FakeTokenizer().decode([int(counts.argmax())])!r}")
+    # The label starts with the token it is most specific to: top precision among tokens with ≥ 2 firings
+    # that make up ≥ 1% of them.
+    i = h.input_stats(0)
+    eligible = (i.count >= 2) & (i.recall >= 0.01)
+    specific = int(i.token[eligible][i.precision[eligible].argmax()])
+    assert s["input_precision"][0]["id"] == specific
+    assert labels["0.attn.q:0"].startswith(f"fires on {FakeTokenizer().decode([specific])!r}")
     # The top output token is the top-PMI token among those with mean predicted probability ≥ 1/vocab.
     o = h.output_stats(0)
     ok = o.recall >= 1 / VOCAB
     best = int(torch.nonzero(ok).flatten()[o.pmi[ok].argmax()])
-    assert labels["0.attn.q:0"].endswith(f"→ out {FakeTokenizer().decode([best])!r}")
+    assert labels["0.attn.q:0"].split(" → writes ")[1].startswith(repr(FakeTokenizer().decode([best])))
     # The other ranked lists: top input PMI among tokens with ≥ 2 firings, lowest output PMI among tokens
     # with mean predicted probability ≥ 1/vocab, co-firing partners by Jaccard.
     i = h.input_stats(0)
@@ -405,10 +411,22 @@ def test_labels_from_harvest(saved, tmp_path_factory):
 
 
 def test_summary_label_rule():
-    two = {"input": [{"id": 1, "token": " her", "recall": 0.4}, {"id": 2, "token": " his", "recall": 0.3}]}
-    assert summary_label({**two, "output": [{"id": 3, "token": " hand"}]}) == "in ' her'/' his' → out ' hand'"
-    one = {"input": [{"id": 1, "token": None, "recall": 0.7}, {"id": 2, "token": "x", "recall": 0.3}]}
-    assert summary_label(one) == "in #1" and summary_label({}) == ""
+    def tok(i, token, **rates):
+        return {"id": i, "token": token, **rates}
+
+    specific = [tok(1, ":", precision=0.9), tok(2, ";", precision=0.8), tok(3, "=", precision=0.5)]
+    specific += [tok(4, " the", precision=0.44), tok(5, "x", precision=0.43)]
+    frequent = [tok(4, " the", recall=0.6), tok(1, ":", recall=0.1)]
+    writes = [tok(6, "o", pmi=3.0), tok(7, ")", pmi=2.5), tok(8, "z", pmi=2.0)]
+    summary = {"input": frequent, "input_precision": specific, "output": writes}
+    # The three most specific inputs within 2x of the top; outputs within log 2 of the top PMI.
+    assert summary_label(summary) == "fires on ':' ';' '=' → writes 'o' ')'"
+    assert summary_label({**summary, "input_precision": []}) == "fires on ' the' → writes 'o' ')'"  # by recall
+    pmi_only = {"input_pmi": [tok(1, ":", pmi=4.0), tok(2, ";", pmi=3.5), tok(3, "=", pmi=3.0)]}  # 3.0 < 4 - log 2
+    assert summary_label(pmi_only) == "fires on ':' ';'"
+    assert summary_label({"output": [tok(9, "q", pmi=-0.5)]}) == ""  # never names a token it makes less likely
+    assert summary_label({"input": [tok(1, None, recall=0.7), tok(2, "x", recall=0.3)]}) == "fires on #1"
+    assert summary_label({}) == ""
 
 
 def test_label_files(tmp_path):
