@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from attrgraph.nodes import NodeId
 from decomposer.errors import VpdError
-from decomposer.vpd.components import ComponentModel
+from decomposer.vpd.components import ComponentModel, as_token_grid
 from decomposer.vpd.run import Decomposition
 
 __all__ = [
@@ -169,6 +169,7 @@ def direct_effect_leaves(
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor:
             x = args[0] if args else next(iter(kwargs.values()))
+            x = as_token_grid(x, tuple(record.emb.shape[:-1]) if record.emb is not None else None)
             B, T = x.shape[0], x.shape[-2]
             # V and U are detached: the gradients wanted are with respect to activations, not parameters.
             V, U = comp.V.detach(), comp.U.detach()
@@ -185,7 +186,7 @@ def direct_effect_leaves(
             rows_out = B if copies else None
             record.comp_leaves[path] = leaf = _leaf(a_val[:, t_idx, c_idx], rows_out)
             record.delta_leaves[path] = delta_leaf = _leaf(delta_val, rows_out)
-            return dead_out + _alive_writes(leaf, t_idx, c_idx, U, T) + delta_leaf
+            return (dead_out + _alive_writes(leaf, t_idx, c_idx, U, T) + delta_leaf).reshape(output.shape)
 
         return hook
 

@@ -6,10 +6,14 @@ kv head h // (H / H_kv). R_t is the rotary embedding at position t.
 
 Algorithm (`score_terms`):
 
-1. One clean forward records the inputs x of the layer's q_proj, k_proj (and o_proj), and the (cos, sin)
+1. One clean forward records the inputs x of the layer's q and k projections (and o), and the rotation
    that the attention module itself received, so the rotation is the model's own at the actual positions:
-   rotate-half pairing, its base and scaling, and partial rotary (only the first `cos.shape[-1]` dims of
-   each head rotate).
+   rotate-half pairing (Llama, NeoX) or adjacent pairs (GPT-J), its base and scaling, and partial rotary
+   (only the first `cos.shape[-1]` dims of each head rotate). Learned positions (GPT-2, OPT) add no
+   rotation (R_t = I); ALiBi (Falcon) adds a per-head bias to the score that no q/k piece carries, kept as
+   the "position" term. The family's layout comes from `decomposer.architectures`: q and k are separate
+   matrices, or column slices of one fused qkv matrix (GPT-2 c_attn, NeoX, Phi-3, Falcon), in which case a
+   q/k pair is two subcomponents of that one matrix.
 2. Each side splits exactly into pieces: q(t) = Σ_c a_{Q,c}(t) u_{Q,c} + x(t) Δ_Qᵀ + b_Q, where Δ = W − Σ_c u_c v_cᵀ.
    R_t is linear, so every piece is rotated separately: a_{Q,c}(t) R_t u^h_{Q,c}, R_t (x Δ_Qᵀ)^h, R_t b^h_Q.
 3. The pre-softmax score of head h (before the 1/√d_head scale) is (R_t q^h(t)) · (R_{t′} k^{kv(h)}(t′)).
@@ -19,7 +23,7 @@ Algorithm (`score_terms`):
 
 Everything is computed in float64, whatever the model's dtype, so that the sums hold to ~1e-12.
 Models with q/k normalisation after the projection (q_norm/k_norm) are refused: their scores are not
-bilinear in the pieces.
+bilinear in the pieces. `qk_unavailable` says, in one sentence, why a decomposition has no q/k pairs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attrgraph.nodes import NodeId, module_short_name, short_label
+from decomposer.architectures import PositionScheme, attention_spec
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
@@ -48,6 +53,7 @@ __all__ = [
     "attention_pattern",
     "data_dependent_strength",
     "qk_pairs_for_o",
+    "qk_unavailable",
     "rope_cos_sin",
     "rope_of",
     "score_decomposition",
@@ -59,6 +65,9 @@ __all__ = [
 # --- layout ---------------------------------------------------------------------------------------
 
 
+_ROPE = PositionScheme("rope")
+
+
 @dataclass(frozen=True)
 class AttentionLayout:
     """Where one layer's attention lives and how its heads are laid out.
@@ -66,12 +75,15 @@ class AttentionLayout:
     Attributes:
         layer: Block index.
         attn_path: The attention module (parent of q_proj).
-        q_path, k_path: The decomposed q and k projections.
+        q_path, k_path: The decomposed q and k projections; both the fused qkv matrix where the family fuses them.
         v_path, o_path: The decomposed v and o projections, or None where they are not decomposed.
         n_heads: Query heads H.
         n_kv: Key/value heads H_kv (H_kv < H for GQA).
         d_head: Width of one head.
         scaling: The model's score scale (1/√d_head for Llama).
+        q_cols, k_cols: The output columns of q_path (k_path) holding the query (key) heads in head-major
+            order; None where the matrix is the whole projection.
+        positions: The family's position scheme.
     """
 
     layer: int
@@ -84,6 +96,9 @@ class AttentionLayout:
     n_kv: int
     d_head: int
     scaling: float
+    q_cols: Tensor | None = None
+    k_cols: Tensor | None = None
+    positions: PositionScheme = _ROPE
 
     def kv_head(self, h: int) -> int:
         """The key/value head read by query head `h`."""
@@ -104,26 +119,48 @@ def _blocks_with(d: Decomposition, short: str) -> dict[int, str]:
     return out
 
 
+def _qk_blocks(d: Decomposition) -> dict[int, tuple[str, str]]:
+    """Block → (q path, k path) for every block whose query and key matrices are decomposed."""
+    qs, ks, fused = _blocks_with(d, "q"), _blocks_with(d, "k"), _blocks_with(d, "qkv")
+    out = {block: (fused[block], fused[block]) for block in fused}
+    out.update({block: (qs[block], ks[block]) for block in set(qs) & set(ks)})
+    return dict(sorted(out.items()))
+
+
+def qk_unavailable(d: Decomposition) -> str | None:
+    """Why the decomposition has no q/k pairs, as one sentence; None when it has some."""
+    try:
+        spec = attention_spec(d.model.target)
+    except VpdError as err:
+        return str(err)
+    if spec.arch.qk_norm:
+        return (
+            f"{spec.arch.family} normalises q and k after the projection, so its attention scores do not split "
+            "into q/k subcomponent pairs."
+        )
+    if not _qk_blocks(d):
+        names = "the fused qkv matrix" if spec.qkv_columns is not None else "both the q and the k matrix"
+        return f"No block has {names} decomposed, so there are no q/k pairs; decompose them (e.g. `modules: auto`)."
+    return None
+
+
 def attention_layout(d: Decomposition, layer: int) -> AttentionLayout:
-    """The attention layout of block `layer`, whose q and k projections must both be decomposed.
+    """The attention layout of block `layer`, whose query and key matrices (or fused qkv) must be decomposed.
 
     Raises:
-        VpdError: `layer` is not a block with decomposed q_proj and k_proj, or the attention normalises
-            q/k after the projection, or the head sizes do not divide.
+        VpdError: `layer` is not a block with decomposed q and k, or the attention normalises q/k after the
+            projection, or the family has no architecture adapter, or the head sizes do not divide.
     """
-    qs, ks = _blocks_with(d, "q"), _blocks_with(d, "k")
-    layers = sorted(set(qs) & set(ks))
-    if not layers:
-        raise VpdError(
-            "No block has both q_proj and k_proj decomposed, so there are no q/k pairs. Decompose "
-            "`model.layers.*.self_attn.*_proj`."
-        )
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer not in layers:
+    reason = qk_unavailable(d)
+    if reason is not None:
+        raise VpdError(reason)
+    blocks = _qk_blocks(d)
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer not in blocks:
         raise VpdError(
             f"`layer` {layer!r} is not a block with decomposed q and k projections; use one of "
-            f"{', '.join(map(str, layers))}."
+            f"{', '.join(map(str, blocks))}."
         )
-    q_path, k_path = qs[layer], ks[layer]
+    q_path, k_path = blocks[layer]
     attn_path = q_path.rsplit(".", 1)[0]
     attn = d.model.target.get_submodule(attn_path)
     for name in ("q_norm", "k_norm"):
@@ -132,22 +169,32 @@ def attention_layout(d: Decomposition, layer: int) -> AttentionLayout:
                 f"Attention {attn_path!r} normalises {name[0]} after the projection, so its scores do not "
                 "split into q/k subcomponent pairs. Use a model without q/k normalisation."
             )
-    q, k = d.model.components(q_path), d.model.components(k_path)
-    config = d.model.target.config
-    d_head = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if q.d_out % d_head or k.d_out % d_head or (q.d_out // d_head) % (k.d_out // d_head):
-        raise VpdError(f"Layer {layer}: q width {q.d_out} and k width {k.d_out} do not split into heads of {d_head}.")
+    spec = attention_spec(d.model.target)
+    heads, cols = spec.heads, spec.qkv_columns
+    fused = q_path == k_path
+    q_cols, k_cols = (cols["q"], cols["k"]) if fused and cols is not None else (None, None)
+    q_width = len(q_cols) if q_cols is not None else d.model.components(q_path).d_out
+    k_width = len(k_cols) if k_cols is not None else d.model.components(k_path).d_out
+    if q_width != heads.n_heads * heads.d_head or k_width != heads.n_kv * heads.d_head:
+        raise VpdError(
+            f"Layer {layer}: q width {q_width} and k width {k_width} do not split into {heads.n_heads} and "
+            f"{heads.n_kv} heads of {heads.d_head}."
+        )
+    v_path = q_path if fused else _blocks_with(d, "v").get(layer)
     return AttentionLayout(
         layer=layer,
         attn_path=attn_path,
         q_path=q_path,
         k_path=k_path,
-        v_path=_blocks_with(d, "v").get(layer),
+        v_path=v_path,
         o_path=_blocks_with(d, "o").get(layer),
-        n_heads=q.d_out // d_head,
-        n_kv=k.d_out // d_head,
-        d_head=d_head,
-        scaling=float(getattr(attn, "scaling", d_head**-0.5)),
+        n_heads=heads.n_heads,
+        n_kv=heads.n_kv,
+        d_head=heads.d_head,
+        scaling=float(getattr(attn, "scaling", heads.d_head**-0.5)),
+        q_cols=q_cols,
+        k_cols=k_cols,
+        positions=spec.positions,
     )
 
 
@@ -207,15 +254,20 @@ def rope_cos_sin(rope: Rope | None, positions: Tensor, *, head_dim: int) -> tupl
     return angles.cos() * rope.scaling, angles.sin() * rope.scaling
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's rotate-half RoPE on the first `cos.shape[-1]` dims of `x` (..., d_head); the rest pass through.
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
+    """RoPE on the first `cos.shape[-1]` dims of `x` (..., d_head); the rest pass through.
 
-    `cos` and `sin` broadcast against `x[..., :rotary_dim]`.
+    Rotate-half pairs dim i with dim i + rotary_dim/2 (HF Llama, NeoX); `interleaved` pairs dims 2i and
+    2i + 1 (GPT-J's rotate_every_two), with `cos` and `sin` repeated per pair. `cos` and `sin` broadcast
+    against `x[..., :rotary_dim]`.
     """
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    if interleaved:
+        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+    else:
+        half = rot // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
     out = x_rot * cos + rotated * sin
     return torch.cat((out, x_pass.expand(*out.shape[:-1], x_pass.shape[-1])), dim=-1)
 
@@ -246,6 +298,7 @@ class ScoreTerms:
         q: (T, H, d_head): the model's rotated query R_t (x W_Qᵀ + b_Q).
         k: (T, H_kv, d_head): the model's rotated key.
         x_o: (T, H·d_head): the input of o_proj (the concatenated head outputs), or None if o is not decomposed.
+        position: (H, T, T) ALiBi's score bias in the same units (before the scale); None for other schemes.
     """
 
     layout: AttentionLayout
@@ -256,6 +309,7 @@ class ScoreTerms:
     q: Tensor
     k: Tensor
     x_o: Tensor | None
+    position: Tensor | None = None
 
     @property
     def n_positions(self) -> int:
@@ -264,7 +318,8 @@ class ScoreTerms:
     def scores(self) -> Tensor:
         """(H, T, T) pre-softmax scores of the model before the scale, [h, t, t′] = q^h(t)·k^{kv(h)}(t′)."""
         k = self.k[:, self.layout.kv_index]  # (T, H, d)
-        return torch.einsum("thd,shd->hts", self.q, k)
+        scores = torch.einsum("thd,shd->hts", self.q, k)
+        return scores if self.position is None else scores + self.position
 
     def attention(self) -> Tensor:
         """(H, T, T) causal attention weights softmax(scaling · score) over keys t′ ≤ t."""
@@ -275,18 +330,49 @@ class ScoreTerms:
 
 
 @contextmanager
-def _capture_rotation(d: Decomposition, attn_path: str) -> Iterator[dict[str, Any]]:
-    """Record the `position_embeddings` (cos, sin) the attention module is called with."""
+def _capture_attention_inputs(d: Decomposition, attn_path: str) -> Iterator[dict[str, Any]]:
+    """Record the `position_embeddings` (rotation) and `attention_mask` the attention module is called with."""
     seen: dict[str, Any] = {}
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen["pe"] = kwargs.get("position_embeddings")
+        seen["mask"] = kwargs.get("attention_mask")
 
     handle = d.model.target.get_submodule(attn_path).register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         yield seen
     finally:
         handle.remove()
+
+
+def _rotation(d: Decomposition, layout: AttentionLayout, seen: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (T, rotary_dim), per dim in the layout `apply_rope` expects for the family."""
+    T = x.shape[1]
+    if not layout.positions.rotary:
+        return rope_cos_sin(None, torch.arange(T), head_dim=layout.d_head)
+    pe = seen.get("pe")
+    if pe is not None:
+        first, second = (t[0].double().cpu() for t in pe)  # exactly what the model used
+        if layout.positions.kind == "rope_interleaved":  # GPT-J hands (sin, cos), one angle per adjacent pair
+            return second.repeat_interleave(2, -1), first.repeat_interleave(2, -1)
+        return first, second
+    module = _rotary_module(d.model.target)
+    if module is None:
+        raise VpdError(f"Attention {layout.attn_path!r} received no rotation and the model has no rotary module.")
+    # The attention computes no rotation itself: the model hands it one, so ask its rotary module.
+    cos, sin = module(x, torch.arange(T, device=x.device)[None])
+    return cos[0].double().cpu(), sin[0].double().cpu()
+
+
+def _alibi(layout: AttentionLayout, seen: dict[str, Any], T: int) -> Tensor | None:
+    """ALiBi's (H, T, T) score bias, read back from the mask the model added it to, in pre-scale units."""
+    mask = seen.get("mask")
+    if layout.positions.kind != "alibi":
+        return None
+    if not isinstance(mask, Tensor) or not mask.is_floating_point():
+        raise VpdError(f"Attention {layout.attn_path!r} received no ALiBi bias in its attention mask.")
+    bias = mask[0].double().cpu().expand(layout.n_heads, T, T) / layout.scaling
+    return torch.where(torch.ones(T, T, dtype=torch.bool).tril(), bias, 0.0)
 
 
 def split_heads(x: Tensor, d_head: int) -> Tensor:
@@ -311,41 +397,40 @@ def score_terms(d: Decomposition, ids: Tensor, layer: int) -> ScoreTerms:
     layout = attention_layout(d, layer)
     ids = _prompt_ids(d, ids)
     T, dh = ids.shape[1], layout.d_head
-    with _capture_rotation(d, layout.attn_path) as seen, torch.no_grad():
+    interleaved = layout.positions.kind == "rope_interleaved"
+    with _capture_attention_inputs(d, layout.attn_path) as seen, torch.no_grad():
         _, xs = d.model.forward_with_inputs(ids)
     with torch.no_grad():
-        pe = seen.get("pe")
-        if pe is not None:
-            cos, sin = (t[0].double().cpu() for t in pe)  # (T, rotary_dim): exactly what the model used
-        else:
-            module = _rotary_module(d.model.target)
-            if module is not None:  # the attention computes no rotation itself, the model hands it one
-                x = xs[layout.q_path]
-                cos, sin = (t[0].double().cpu() for t in module(x, torch.arange(T, device=x.device)[None]))
-            else:
-                cos, sin = rope_cos_sin(None, torch.arange(T), head_dim=dh)
+        cos, sin = _rotation(d, layout, seen, xs[layout.q_path])
 
-        def side(path: str) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        def rope(x: Tensor, *, per_component: bool = False) -> Tensor:
+            if per_component:  # x (1, C, n, d) against every position: (T, C, n, d)
+                return apply_rope(x, cos[:, None, None], sin[:, None, None], interleaved=interleaved)
+            return apply_rope(x, cos[:, None], sin[:, None], interleaved=interleaved)
+
+        def side(path: str, cols: Tensor | None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
             comp = d.model.components(path)
             x = xs[path][0].double().cpu()  # (T, d_in)
             V, U = comp.V.detach().double().cpu(), comp.U.detach().double().cpu()
             W = comp.weight.detach().double().cpu()
             bias = None if comp.bias is None else comp.bias.detach().double().cpu()
+            if cols is not None:  # this side's heads of a fused qkv matrix
+                U, W, bias = U[:, cols], W[cols], None if bias is None else bias[cols]
             a = x @ V  # (T, C)
             # R_t u_c for every t, then scaled by a_c(t): (T, C, n, d) → (T, n, C, d).
-            u_rot = apply_rope(split_heads(U, dh)[None], cos[:, None, None], sin[:, None, None])
+            u_rot = rope(split_heads(U, dh)[None], per_component=True)
             parts = (a[:, :, None, None] * u_rot).permute(0, 2, 1, 3).contiguous()
             delta = F.linear(x, W - (V @ U).T)  # x Δᵀ with Δ = W − Ŵ, Ŵ = (V U)ᵀ
-            rest = {"delta": apply_rope(split_heads(delta, dh), cos[:, None], sin[:, None])}
+            rest = {"delta": rope(split_heads(delta, dh))}
             if bias is not None:
-                rest["bias"] = apply_rope(split_heads(bias, dh)[None].expand(T, -1, -1), cos[:, None], sin[:, None])
-            full = apply_rope(split_heads(F.linear(x, W, bias), dh), cos[:, None], sin[:, None])
+                rest["bias"] = rope(split_heads(bias, dh)[None].expand(T, -1, -1))
+            full = rope(split_heads(F.linear(x, W, bias), dh))
             return parts, rest, full
 
-        q_comp, q_rest, q = side(layout.q_path)
-        k_comp, k_rest, k = side(layout.k_path)
+        q_comp, q_rest, q = side(layout.q_path, layout.q_cols)
+        k_comp, k_rest, k = side(layout.k_path, layout.k_cols)
         x_o = xs[layout.o_path][0].double().cpu() if layout.o_path is not None else None
-    return ScoreTerms(layout, q_comp, k_comp, q_rest, k_rest, q, k, x_o)
+    return ScoreTerms(layout, q_comp, k_comp, q_rest, k_rest, q, k, x_o, _alibi(layout, seen, T))
 
 
 def _check_pos(name: str, value: Any, T: int) -> int:
@@ -384,7 +469,7 @@ def score_decomposition(terms: ScoreTerms, t: int, t_key: int) -> dict[str, Tens
 
     Keys are "{q piece}·{k piece}" with pieces "comp", "delta" and (when the projection has a bias)
     "bias": "comp·comp" is DD (H, C_Q, C_K), "comp·delta" (H, C_Q), "delta·comp" (H, C_K), and a
-    rest·rest term such as "delta·bias" is (H,).
+    rest·rest term such as "delta·bias" is (H,). Under ALiBi, "position" (H,) is the score bias.
 
     Raises:
         VpdError: A position out of range.
@@ -406,6 +491,8 @@ def score_decomposition(terms: ScoreTerms, t: int, t_key: int) -> dict[str, Tens
             if kn != "comp":
                 term = term[..., 0]
             out[f"{qn}·{kn}"] = term
+    if terms.position is not None:
+        out["position"] = terms.position[:, t, t_key]
     return out
 
 
@@ -563,10 +650,17 @@ def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -
 def add_qk_pairs(G: nx.DiGraph, d: Decomposition, ids: Tensor, top: int = 5) -> nx.DiGraph:
     """A copy of `G` whose `graph["qk_pairs"]` holds `qk_pairs_for_o(d, ids, G, top)`; `G` is unchanged.
 
+    Where the decomposition has no q/k pairs (no decomposed query and key matrices, q/k normalisation),
+    `qk_pairs` is empty and `graph["qk_note"]` says why, so the graph is still written and its panel
+    explains the empty table.
+
     Raises:
         VpdError: As `qk_pairs_for_o`.
     """
-    pairs = qk_pairs_for_o(d, ids, G, top)
+    reason = qk_unavailable(d)
+    pairs = qk_pairs_for_o(d, ids, G, top) if reason is None else []
     H = G.copy()  # copies the graph-attribute dict too, so G keeps its own qk_pairs
     H.graph["qk_pairs"] = pairs
+    if reason is not None:
+        H.graph["qk_note"] = reason
     return H

@@ -155,6 +155,37 @@ def _module_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
+def as_token_grid(x: Tensor, tokens: Sequence[int] | None) -> Tensor:
+    """`x` as (B, T, d) where the model flattened its tokens to (B·T, d) before the module (OPT's MLP).
+
+    Masks, CI and graph positions are all (B, T, ·), so a flattened input is viewed on that grid; `tokens`
+    is (B, T) of the forward (from its embedding output), None when unknown.
+    """
+    if tokens is not None and len(tokens) == 2 and x.ndim == 2 and x.shape[0] == tokens[0] * tokens[1]:
+        return x.view(*tokens, x.shape[-1])
+    return x
+
+
+@contextmanager
+def token_shape(target: nn.Module) -> Iterator[dict[str, Any]]:
+    """Record (B, T) of a forward from the target's input embedding output (`seen["tokens"]`), if it has one."""
+    seen: dict[str, Any] = {"tokens": None}
+    get = getattr(target, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Module):
+        yield seen
+        return
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        seen["tokens"] = tuple(output.shape[:-1])
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 class ComponentModel(nn.Module):
     """A frozen target plus one `LinearComponents` per selected weight matrix.
 
@@ -291,17 +322,19 @@ class ComponentModel(nn.Module):
             comp = self.linear_components[_key(path)]
 
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor:
-                return comp(
-                    _module_input(args, kwargs),
+                x = as_token_grid(_module_input(args, kwargs), seen["tokens"])
+                out = comp(
+                    x,
                     masks[path],
                     delta_masks.get(path),
                     routing.get(path),
-                    target_out=output,
+                    target_out=output.view(*x.shape[:-1], -1),
                 )
+                return out.reshape(output.shape)
 
             return hook
 
-        with self._hooks({path: make_hook(path) for path in masks}):
+        with token_shape(self.target) as seen, self._hooks({path: make_hook(path) for path in masks}):
             return self.target(*args, **kwargs)
 
     @torch.no_grad()
@@ -327,11 +360,11 @@ class ComponentModel(nn.Module):
                         f"Module {path!r} ran twice in one forward, so its input is ambiguous. "
                         "Decompose modules that run once per forward, or untie the shared module."
                     )
-                cache[path] = _module_input(args, kwargs)
+                cache[path] = as_token_grid(_module_input(args, kwargs), seen["tokens"])
 
             return hook
 
-        with self._hooks({path: make_hook(path) for path in self.module_paths}):
+        with token_shape(self.target) as seen, self._hooks({path: make_hook(path) for path in self.module_paths}):
             output = self.target(*args, **kwargs)
         missing = [path for path in self.module_paths if path not in cache]
         if missing:

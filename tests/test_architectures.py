@@ -1,0 +1,354 @@
+"""Every supported family on a random tiny model: the registry, `modules: auto`, exact masks, edges and q/k pairs.
+
+Models are built from transformers config classes (nothing is downloaded) and run in float64. Several HF
+families cast to float32 inside norms and the eager softmax; `_float64_throughout` keeps float64 so that
+finite differences are clean to ~1e-8.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import networkx as nx
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+from attrgraph.edges import Attribution, attribute, direct_effect_leaves
+from attrgraph.nodes import NodeId, module_short_name
+from attrgraph.qk import add_qk_pairs, attention_pattern, qk_unavailable, score_decomposition, score_terms
+from decomposer.architectures import (
+    PAPER_C_RATIOS,
+    architecture_of,
+    attention_spec,
+    auto_modules,
+    matrix_role,
+    supported_families,
+)
+from decomposer.errors import VpdError
+from decomposer.vpd.run import Decomposition
+from decomposer.vpd.targets import AutoModules, ModuleSpec, select_modules
+from tests.conftest import float64_decomposition
+
+VOCAB, T, D = 40, 5, 16
+_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "attn_implementation": "eager"}
+_LLAMA = {"hidden_size": D, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+# family → (config class, model class, config kwargs, expected (position kind, residual, fused qkv)).
+_GQA = {**_LLAMA, "num_key_value_heads": 2}
+_ROPE, _LEARNED = ("rope", "sequential", False), ("learned", "sequential", False)
+FAMILIES: dict[str, tuple[type, type, dict, tuple[str, str, bool]]] = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, _GQA, _ROPE),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, _GQA, _ROPE),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, _GQA, _ROPE),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, _GQA, _ROPE),
+    "gpt2": (
+        tf.GPT2Config, tf.GPT2LMHeadModel, {"n_embd": D, "n_layer": 2, "n_head": 2, "n_positions": 32},
+        ("learned", "sequential", True),
+    ),
+    "gpt_neox": (
+        tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM,
+        {"hidden_size": D, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "rotary_pct": 0.5},
+        ("rope", "parallel", True),
+    ),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {**_GQA, "partial_rotary_factor": 0.5}, ("rope", "sequential", True)),
+    "opt": (
+        tf.OPTConfig, tf.OPTForCausalLM,
+        {"hidden_size": D, "ffn_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "word_embed_proj_dim": D},
+        _LEARNED,
+    ),
+    "gptj": (
+        tf.GPTJConfig, tf.GPTJForCausalLM, {"n_embd": D, "n_layer": 2, "n_head": 2, "rotary_dim": 4, "n_positions": 32},
+        ("rope_interleaved", "parallel", False),
+    ),
+    "falcon": (
+        tf.FalconConfig, tf.FalconForCausalLM, {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 4},
+        ("rope", "parallel", True),
+    ),
+    "falcon_alibi": (
+        tf.FalconConfig, tf.FalconForCausalLM,
+        {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2,
+         "new_decoder_architecture": True, "alibi": True},
+        ("alibi", "parallel", True),
+    ),
+}  # fmt: skip
+QK_NORM = {"qwen3", "gemma3", "olmo2"}
+AUTO = {"auto": True, "scale": 0.25}  # the paper's ratios at a quarter: C from 3 (q, k) to 19 (down)
+
+
+def build(name: str, **extra) -> nn.Module:
+    config_cls, model_cls, kwargs, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=VOCAB, max_position_embeddings=32, **_IDS, **kwargs, **extra)
+    if hasattr(cfg, "initializer_range"):
+        cfg.initializer_range = 0.2  # O(1) attention scores, so the q/k checks are not trivially uniform
+    return model_cls(cfg).eval()
+
+
+# --- float64 everywhere ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _float64_throughout() -> Iterator[None]:
+    """Turn the float32 casts inside HF norms and eager softmaxes into no-ops for float64 tensors."""
+    to, float_, softmax = torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax
+
+    def keep_to(self: torch.Tensor, *args, **kwargs):
+        if self.dtype == torch.float64:
+            if args and args[0] is torch.float32:
+                args = (torch.float64, *args[1:])
+            if kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float64
+        return to(self, *args, **kwargs)
+
+    def keep_float(self: torch.Tensor, *args, **kwargs):
+        return self if self.dtype == torch.float64 else float_(self, *args, **kwargs)
+
+    def keep_softmax(x: torch.Tensor, *args, **kwargs):
+        if x.dtype == torch.float64:
+            kwargs.pop("dtype", None)
+        return softmax(x, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", keep_to)
+        mp.setattr(torch.Tensor, "float", keep_float)
+        mp.setattr(torch.nn.functional, "softmax", keep_softmax)
+        yield
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> Iterator[tuple[str, Decomposition, torch.Tensor, dict[str, torch.Tensor]]]:
+    name = request.param
+    with _float64_throughout():
+        d = float64_decomposition(build(name), AUTO)
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(1, VOCAB, (1, T), generator=gen)
+        ci = {}
+        for p in d.module_paths:
+            g = torch.rand(T, d.Cs[p], generator=gen, dtype=torch.float64)
+            ci[p] = torch.where(g < 0.5, 0.0, g)  # half dead: the gating is exercised and the graph stays small
+        yield name, d, tokens, ci
+
+
+# --- the registry and `modules: auto` -------------------------------------------------------------
+
+
+def test_registry_describes_each_family(family):
+    name, d, _, _ = family
+    kind, residual, fused = FAMILIES[name][3]
+    spec = attention_spec(d.model.target)
+    assert (spec.positions.kind, spec.residual, spec.qkv_columns is not None) == (kind, residual, fused)
+    assert spec.arch.qk_norm == (name in QK_NORM)
+    roles = {module_short_name(p)[2] for p in d.module_paths}
+    attn = {"qkv", "o"} if fused else {"q", "k", "v", "o"}
+    assert attn <= roles and "down" in roles and roles & {"up", "gate_up"}
+    if spec.qkv_columns is not None:  # the q, k and v columns tile the fused output exactly once
+        cols = torch.cat(list(spec.qkv_columns.values())).sort().values
+        qkv = next(p for p in d.module_paths if module_short_name(p)[2] == "qkv")
+        assert torch.equal(cols, torch.arange(d.model.components(qkv).d_out))
+
+
+def test_auto_modules_take_every_matrix_with_the_papers_ratios(family):
+    _, d, _, _ = family
+    target = d.model.target
+    chosen = auto_modules(target)
+    blocks = {module_short_name(p)[0] for p in chosen}
+    assert blocks == {0, 1} and "lm_head" not in chosen
+    for path, C in chosen.items():
+        assert C == round(PAPER_C_RATIOS[matrix_role(path)[2]] * D)
+    # The config forms: `auto`, per-role overrides with a scale, and a pattern without C.
+    assert select_modules(target, "auto") == chosen
+    role = matrix_role(next(iter(chosen)))[2]
+    scaled = select_modules(target, AutoModules(C={role: 7}, scale=0.5))
+    for path, C in scaled.items():
+        r = matrix_role(path)[2]
+        assert C == (7 if r == role else max(1, round(PAPER_C_RATIOS[r] * 0.5 * D))), path
+    first = next(iter(chosen))
+    assert select_modules(target, [ModuleSpec(pattern=first)]) == {first: chosen[first]}
+
+
+def test_unsupported_models_and_paths_get_one_sentence():
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(3, 3)
+
+    with pytest.raises(VpdError, match=r"no architecture adapter covers \(supported: Llama, .*GPT-J, Falcon\)"):
+        select_modules(Toy(), "auto")
+    with pytest.raises(VpdError, match=r"no architecture adapter"):
+        select_modules(Toy(), [ModuleSpec(pattern="enc")])
+    with pytest.raises(VpdError, match=r"`modules.C` names \['gate'\], which GPT-2 does not have"):
+        auto_modules(build("gpt2"), {"gate": 4})
+    with pytest.raises(VpdError, match="not an attention or MLP matrix of a supported family"):
+        matrix_role("transformer.wte")
+    assert "Falcon" in supported_families() and "GPT-NeoX/Pythia" in supported_families()
+    assert architecture_of(build("llama")).family == "Llama"
+
+
+# --- exactness ------------------------------------------------------------------------------------
+
+
+def test_all_ones_masks_plus_delta_reproduce_the_logits(family):
+    _, d, tokens, _ = family
+    with _float64_throughout(), torch.no_grad():
+        clean = d.model.target(tokens).logits
+        masks = {p: torch.ones(1, T, d.Cs[p], dtype=torch.float64) for p in d.module_paths}
+        deltas = {p: torch.ones(1, T, dtype=torch.float64) for p in d.module_paths}
+        masked = d.model(tokens, masks=masks, delta_masks=deltas).logits
+        without = d.model(tokens, masks=masks).logits
+    assert clean.abs().max() > 0.1
+    torch.testing.assert_close(masked, clean, rtol=0, atol=1e-10)
+    assert not torch.allclose(without, clean, atol=1e-4)  # a random decomposition needs its Δ
+
+
+def _finite_difference(d: Decomposition, tokens: torch.Tensor, att: Attribution, tgt: int, src: int) -> float:
+    """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value."""
+    eps = 1e-6
+    with torch.no_grad(), direct_effect_leaves(d.model) as rec:
+        d.model.target(tokens)
+    clean = {p: (rec.acts[p].detach(), rec.delta_leaves[p].detach()) for p in d.module_paths}
+    clean_emb = rec.emb.detach()
+    s, t = att.nodes[src], att.nodes[tgt]
+
+    def run(sign: float) -> float:
+        replace, emb = dict(clean), clean_emb
+        if s.kind == "comp":
+            a = clean[s.module][0].clone()
+            a[0, s.pos, s.index] += sign * eps
+            replace[s.module] = (a, clean[s.module][1])
+        elif s.kind == "delta":  # along δ itself: the derivative is Σ_j ∂/∂δ_j · δ_j
+            delta = clean[s.module][1].clone()
+            delta[0, s.pos] *= 1 + sign * eps
+            replace[s.module] = (clean[s.module][0], delta)
+        else:
+            emb = clean_emb.clone()
+            emb[0, s.pos] *= 1 + sign * eps
+        with torch.no_grad(), direct_effect_leaves(d.model, replace=replace, replace_emb=emb) as rec:
+            logits = d.model.target(tokens).logits
+        if t.kind == "logit":
+            return float(logits[0, t.pos, t.index])
+        return float(rec.acts[t.module][0, t.pos, t.index])
+
+    slope = (run(1.0) - run(-1.0)) / (2 * eps)
+    return slope * float(att.activation[src] * att.ci[src]) if s.kind == "comp" else slope
+
+
+def _role(n: NodeId) -> tuple[int, str]:
+    block, _, role = module_short_name(n.module)
+    return block, role
+
+
+Pick = Callable[[NodeId, NodeId], bool]
+KEY = {"q", "k", "qkv"}
+EDGE_KINDS: dict[str, Pick] = {
+    "emb → comp": lambda s, t: s.kind == "emb" and t.kind == "comp",
+    "comp → comp, next block": lambda s, t: s.kind == t.kind == "comp" and _role(t)[0] == _role(s)[0] + 1,
+    "k → o across positions": lambda s, t: (
+        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in KEY - {"q"} and s.pos < t.pos
+    ),
+    "v → o across positions": lambda s, t: (
+        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in {"v", "qkv"} and s.pos < t.pos
+    ),
+    "q → o": lambda s, t: (
+        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in {"q", "qkv"} and s.pos == t.pos
+    ),
+    "MLP in → out": lambda s, t: s.kind == t.kind == "comp" and _role(s)[1] in {"up", "gate", "gate_up"},
+    "delta → comp": lambda s, t: s.kind == "delta" and t.kind == "comp",
+    "comp → logit": lambda s, t: s.kind == "comp" and t.kind == "logit",
+    "delta → logit": lambda s, t: s.kind == "delta" and t.kind == "logit",
+    "emb → logit": lambda s, t: s.kind == "emb" and t.kind == "logit",
+}
+
+
+def test_sampled_edges_of_every_kind_equal_interventions(family):
+    _, d, tokens, ci = family
+    with _float64_throughout():
+        att = attribute(d, tokens, ci=ci)
+        nz = att.A.nonzero().tolist()
+        for kind, pick in EDGE_KINDS.items():
+            candidates = [(t, s) for t, s in nz if pick(att.nodes[s], att.nodes[t])]
+            assert candidates, f"no nonzero {kind} edge"
+            tgt, src = max(candidates, key=lambda ts: abs(float(att.A[ts[0], ts[1]])))  # the strongest of its kind
+            expected = _finite_difference(d, tokens, att, tgt, src)
+            stored = float(att.A[tgt, src])
+            assert stored == pytest.approx(expected, rel=1e-6, abs=1e-9), f"{kind}: {att.nodes[src]} → {att.nodes[tgt]}"
+
+
+# --- q/k pairs ------------------------------------------------------------------------------------
+
+
+def test_qk_scores_follow_the_position_scheme(family):
+    name, d, tokens, _ = family
+    if name in QK_NORM:
+        assert "normalises q and k" in qk_unavailable(d)
+        with pytest.raises(VpdError, match="normalises q and k"):
+            score_terms(d, tokens, 0)
+        return
+    assert qk_unavailable(d) is None
+    positions = attention_spec(d.model.target).positions
+    for layer in (0, 1):
+        terms = score_terms(d, tokens, layer)
+        # The split reproduces the model's own attention, which applies the family's rotation or bias.
+        model = attention_pattern(d, tokens, layer)[0].double()
+        torch.testing.assert_close(terms.attention(), model, rtol=0, atol=1e-6)
+        assert model[:, 1:].max() < 0.999  # not one-hot past t = 0, so a wrong rotation could not hide
+        for t, t_key in ((T - 1, 0), (2, 1)):
+            parts = score_decomposition(terms, t, t_key)
+            total = sum(p.flatten(1).sum(1) if p.ndim > 1 else p for p in parts.values())
+            torch.testing.assert_close(total, terms.scores()[:, t, t_key], rtol=0, atol=1e-9)
+            assert ("position" in parts) == (positions.kind == "alibi")
+    # One subcomponent's write direction at each position, R_t u / ‖u‖ up to the sign of its activation.
+    q = terms.q_comp[:, 0, 0] / terms.q_comp[:, 0, 0].norm(dim=-1, keepdim=True)
+    k = terms.k_comp[:, 0, 0] / terms.k_comp[:, 0, 0].norm(dim=-1, keepdim=True)
+    if positions.rotary:  # (R_t u)·(R_t′ w) depends on t − t′ only (GPT-J's angles are float32), and does depend on it
+        assert float((q[3] @ k[1]).abs()) == pytest.approx(float((q[4] @ k[2]).abs()), abs=1e-7)
+        assert float((q[3] @ k[1]).abs()) != pytest.approx(float((q[3] @ k[2]).abs()), abs=1e-4)
+        if positions.rotary_dim is not None:  # partial rotary: each head's tail never rotates
+            rot = positions.rotary_dim
+            assert torch.allclose(q[0, rot:].abs(), q[4, rot:].abs())
+            assert not torch.allclose(q[0, :rot].abs(), q[4, :rot].abs())
+    else:  # learned positions and ALiBi: R_t = I
+        assert torch.allclose(q[0].abs(), q[4].abs()) and torch.allclose(k[0].abs(), k[3].abs())
+
+
+def _o_graph(att: Attribution) -> nx.DiGraph:
+    """The o nodes of an attribution as a graph, with the attributes `qk_pairs_for_o` reads."""
+    G = nx.DiGraph()
+    for n in att.nodes:
+        if n.kind == "comp" and module_short_name(n.module)[2] == "o":
+            G.add_node(str(n), kind="comp", sublayer="o", pos=n.pos, module=n.module, index=n.index)
+    return G
+
+
+def test_qk_pairs_in_the_graph_or_the_reason_why_not(family):
+    name, d, tokens, ci = family
+    with _float64_throughout():
+        G = _o_graph(attribute(d, tokens, ci=ci))
+    H = add_qk_pairs(G, d, tokens)
+    json.dumps(H.graph)
+    if name in QK_NORM:
+        assert H.graph["qk_pairs"] == [] and "normalises q and k" in H.graph["qk_note"]
+        return
+    assert "qk_note" not in H.graph and H.graph["qk_pairs"]
+    fused = FAMILIES[name][3][2]
+    for pair in H.graph["qk_pairs"]:
+        q, k = NodeId.parse(pair["q_node"]), NodeId.parse(pair["k_node"])
+        assert (q.module == k.module) == fused and pair["key_pos"] <= pair["query_pos"]
+        assert module_short_name(q.module)[0] == module_short_name(NodeId.parse(pair["o_node"]).module)[0]
+
+
+def test_a_decomposition_without_q_and_k_has_no_pairs_and_says_why():
+    d = float64_decomposition(build("gpt2"), [{"pattern": "transformer.h.*.mlp.c_*", "C": 3}])
+    assert "No block has the fused qkv matrix decomposed" in qk_unavailable(d)
+    H = add_qk_pairs(nx.DiGraph(), d, torch.tensor([[1, 2]]))
+    assert H.graph["qk_pairs"] == [] and "modules: auto" in H.graph["qk_note"]
