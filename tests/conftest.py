@@ -184,3 +184,103 @@ def float64_decomposition(target, modules: list[dict], *, seed: int = 0):
     model = ComponentModel(target.double().eval(), config.modules, generator=gen, dtype=torch.float64)
     dims = {p: (model.components(p).d_in, model.components(p).C) for p in model.module_paths}
     return Decomposition(config, model, build_ci_function(config.ci, dims, generator=gen).double())
+
+
+def micro_config(data_dir, **train):
+    """A target config for a 2-block model on the micro corpus, a few steps long; `train` overrides settings."""
+    from decomposer.target import TargetConfig
+
+    return TargetConfig.model_validate(
+        {
+            "data_dir": str(data_dir),
+            "model": {"vocab_size": 400, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_mlp": 64, "max_seq_len": 64},
+            "train": {
+                "seq_len": 16,
+                "batch_size": 4,
+                "steps": 8,
+                "eval_every": 4,
+                "checkpoint_every": 4,
+                "eval_batches": 1,
+                "warmup_steps": 2,
+                "lr": 1e-2,
+                **train,
+            },
+        }
+    )
+
+
+class Toy(torch.nn.Module):
+    """Two linear maps, 6 → 3 → 6: the smallest target with two decomposed matrices."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 3, bias=False)
+        self.dec = torch.nn.Linear(3, 6)
+
+    def forward(self, x):
+        return torch.relu(self.dec(self.enc(x)))
+
+
+def toy_batches(step: int) -> torch.Tensor:
+    """Sparse non-negative inputs for `Toy`, one fixed batch per step."""
+    gen = torch.Generator().manual_seed(step)
+    return torch.rand(16, 6, generator=gen) * (torch.rand(16, 6, generator=gen) < 0.3)
+
+
+def toy_config(**optim):
+    from decomposer.vpd.config import DecomposeConfig
+
+    return DecomposeConfig.model_validate(
+        {
+            "target": "toy",
+            "modules": [{"pattern": "enc", "C": 4}, {"pattern": "dec", "C": 5}],
+            "ci": {"kind": "mlp", "hidden": 4},
+            "loss": {"output_loss": "mse", "faithfulness": 1.0, "importance": 1e-2, "p_end": 0.5},
+            "adversary": {"kind": "ppgd", "warmup_frac": 0.2},
+            "optim": {"steps": 8, "batch_size": 16, "lr": 1e-2, "faithfulness_warmup_steps": 3, **optim},
+            "eval": {"every": 4, "pgd_steps": [2]},
+            "checkpoint_every": 4,
+        }
+    )
+
+
+def toy_target() -> Toy:
+    torch.manual_seed(0)
+    return Toy()
+
+
+ROPE_VOCAB = 40
+# Plain RoPE with multi-head attention; and GQA (4 query heads on 2 kv heads) with q/k biases and YaRN,
+# whose cos/sin carry a scaling factor ≠ 1.
+ROPE_CONFIGS = {
+    "mha": {"num_attention_heads": 2, "num_key_value_heads": 2},
+    "gqa": {
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "attention_bias": True,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "rope_theta": 100.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
+}
+
+
+def rope_llama(name: str, **extra):
+    """A 2-block random Llama with weights large enough that scores are O(1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=ROPE_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.3,
+        **{"attn_implementation": "eager", **ROPE_CONFIGS[name], **extra},
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def rope_decomposition(name: str, **extra):
+    """`rope_llama(name)` in float64 with every attention matrix decomposed (C = 8)."""
+    torch.manual_seed(0)
+    return float64_decomposition(rope_llama(name, **extra), [{"pattern": "model.layers.*.self_attn.*_proj", "C": 8}])

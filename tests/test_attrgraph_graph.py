@@ -17,7 +17,7 @@ NODE_ATTRS = {"kind", "module", "block", "sublayer", "pos", "index", "row", "ci"
 @pytest.fixture(scope="module")
 def micro(micro_data_dir, tmp_path_factory):
     from decomposer.target import load_target, train_target
-    from tests.test_target_train import micro_config
+    from tests.conftest import micro_config
 
     out = tmp_path_factory.mktemp("graph-target")
     train_target(micro_config(micro_data_dir, steps=4), out)
@@ -41,7 +41,9 @@ def test_graph_nodes_edges_and_attributes(micro):
     kinds = {G.nodes[n]["kind"] for n in G}
     assert kinds == {"comp", "emb", "delta", "logit"}
     for n, attrs in G.nodes(data=True):
-        assert NodeId.parse(n) is not None and NODE_ATTRS <= set(attrs), n
+        node = NodeId.parse(n)
+        assert str(node) == n and NODE_ATTRS <= set(attrs), n
+        assert (node.kind, node.pos, node.index) == (attrs["kind"], attrs["pos"], attrs["index"]), n
     logits = [n for n in G if G.nodes[n]["kind"] == "logit"]
     target_id = tok(" her", add_special_tokens=False)["input_ids"][0]
     assert logits[0] == str(NodeId.logit(target_id, G.graph["target_pos"]))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from attrgraph.edges import attribute
@@ -24,47 +23,15 @@ from attrgraph.qk import (
 )
 from attrgraph.render import render_html
 from decomposer.errors import VpdError
-from tests.conftest import float64_decomposition
+from tests.conftest import ROPE_CONFIGS, ROPE_VOCAB, rope_decomposition
 
-VOCAB, T = 40, 6
+VOCAB, T = ROPE_VOCAB, 6
 NASTY = "</script><b>&"
 
-# Plain RoPE with multi-head attention; and GQA (4 query heads on 2 kv heads) with q/k biases and YaRN,
-# whose cos/sin carry a scaling factor ≠ 1.
-CONFIGS = {
-    "mha": {"num_attention_heads": 2, "num_key_value_heads": 2},
-    "gqa": {
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "attention_bias": True,
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "factor": 2.0,
-            "rope_theta": 100.0,
-            "original_max_position_embeddings": 16,
-        },
-    },
-}
 
-
-def llama(name: str, **extra) -> LlamaForCausalLM:
-    """A 2-block random Llama with weights large enough that scores are O(1)."""
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, max_position_embeddings=32,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.3,
-        **{"attn_implementation": "eager", **CONFIGS[name], **extra},
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
-def decomposition(name: str, **extra):
-    torch.manual_seed(0)
-    return float64_decomposition(llama(name, **extra), [{"pattern": "model.layers.*.self_attn.*_proj", "C": 8}])
-
-
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(ROPE_CONFIGS))
 def setup(request):
-    d = decomposition(request.param)
+    d = rope_decomposition(request.param)
     ids = torch.randint(1, VOCAB, (1, T), generator=torch.Generator().manual_seed(1))
     return d, ids
 

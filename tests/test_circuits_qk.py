@@ -26,7 +26,8 @@ from circuits.qk import (
     static_strength,
 )
 from decomposer.errors import VpdError
-from tests.test_attrgraph_qk import VOCAB, decomposition
+from tests.conftest import ROPE_VOCAB as VOCAB
+from tests.conftest import rope_decomposition as decomposition
 
 MAX_OFFSET = 6
 

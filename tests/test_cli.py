@@ -61,7 +61,7 @@ def test_corpus_build_without_network_fails_cleanly(tmp_path):
 
 def test_predict_on_a_trained_micro_model(micro_data_dir, tmp_path, capsys):
     from decomposer.target import train_target
-    from tests.test_target_train import micro_config
+    from tests.conftest import micro_config
 
     train_target(micro_config(micro_data_dir, steps=4), tmp_path)
     assert main(["predict", "--model", str(tmp_path / "model"), "The princess lost", "--json", "-k", "3"]) == 0

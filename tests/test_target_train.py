@@ -7,29 +7,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from decomposer.errors import VpdError
-from decomposer.target import TargetConfig, load_target_config, train_target
+from decomposer.target import load_target_config, train_target
 from decomposer.target.config import TrainSettings
 from decomposer.target.train import lr_at
-
-
-def micro_config(data_dir, **train) -> TargetConfig:
-    return TargetConfig.model_validate(
-        {
-            "data_dir": str(data_dir),
-            "model": {"vocab_size": 400, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_mlp": 64, "max_seq_len": 64},
-            "train": {
-                "seq_len": 16,
-                "batch_size": 4,
-                "steps": 8,
-                "eval_every": 4,
-                "checkpoint_every": 4,
-                "eval_batches": 1,
-                "warmup_steps": 2,
-                "lr": 1e-2,
-                **train,
-            },
-        }
-    )
+from tests.conftest import micro_config
 
 
 def test_lr_schedule_endpoints():

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from decomposer.vpd.train import decompose
-from tests.test_vpd_run import toy_batches, toy_config, toy_target
+from tests.conftest import toy_batches, toy_config, toy_target
 
 STEPS = 4
 

@@ -5,48 +5,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from circuits.cli import main
 from decomposer.errors import VpdError
 from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.run import META_FILE, STATE_DIR, WEIGHTS_FILE, load_decomposition
 from decomposer.vpd.train import decompose
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Linear(6, 3, bias=False)
-        self.dec = nn.Linear(3, 6)
-
-    def forward(self, x):
-        return torch.relu(self.dec(self.enc(x)))
-
-
-def toy_batches(step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(step)
-    return torch.rand(16, 6, generator=gen) * (torch.rand(16, 6, generator=gen) < 0.3)
-
-
-def toy_config(**optim) -> DecomposeConfig:
-    return DecomposeConfig.model_validate(
-        {
-            "target": "toy",
-            "modules": [{"pattern": "enc", "C": 4}, {"pattern": "dec", "C": 5}],
-            "ci": {"kind": "mlp", "hidden": 4},
-            "loss": {"output_loss": "mse", "faithfulness": 1.0, "importance": 1e-2, "p_end": 0.5},
-            "adversary": {"kind": "ppgd", "warmup_frac": 0.2},
-            "optim": {"steps": 8, "batch_size": 16, "lr": 1e-2, "faithfulness_warmup_steps": 3, **optim},
-            "eval": {"every": 4, "pgd_steps": [2]},
-            "checkpoint_every": 4,
-        }
-    )
-
-
-def toy_target() -> Toy:
-    torch.manual_seed(0)
-    return Toy()
+from tests.conftest import toy_batches, toy_config, toy_target
 
 
 def test_run_folder_layout_and_bit_exact_reload(tmp_path):
@@ -133,7 +98,7 @@ def test_init_from_a_run_with_other_C_is_refused(tmp_path):
 def micro_target(micro_data_dir, tmp_path_factory):
     """A trained 2-layer Llama on the micro corpus, saved with its tokenizer."""
     from decomposer.target import train_target
-    from tests.test_target_train import micro_config
+    from tests.conftest import micro_config
 
     out = tmp_path_factory.mktemp("target")
     train_target(micro_config(micro_data_dir, steps=4), out)
