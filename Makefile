@@ -17,7 +17,7 @@ UV_TORCH_ARGS ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-i
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml -c requirements/constraints.txt --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --generate-hashes --custom-compile-command "make lock" $(UV_TORCH_ARGS) $(LOCK_ARGS)
 
-.PHONY: demo test lint lock check-lock clean-venv
+.PHONY: demo test lint lock check-lock clean-venv bench-peers
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,18 @@ lock: $(BIN)/activate
 
 clean-venv:
 	rm -rf $(VENV)
+
+# circuit-tracer 0.5.0 in its own environment (never a dependency of the package): its graph-file model checks
+# our export, then both build graphs side by side (benchmarks/peers/README.md). About 15 minutes on 2 CPUs.
+PEERS := benchmarks/peers/.venv
+$(PEERS)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet $(PIP_ARGS) -r benchmarks/peers/requirements.txt
+	touch $@
+
+bench-peers: $(VENV)/.installed $(PEERS)/.installed
+	$(PEERS)/bin/python benchmarks/peers/validate_export.py
+	$(BIN)/python benchmarks/peers/compare.py
 
 # The browser tests drive Debian's chromium through chromedriver; apt installs both when missing
 # (directly as root, else through sudo).
