@@ -1,14 +1,12 @@
 """Data parallelism on CPU with gloo: one rank and two ranks train the same parameters."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from decomposer.vpd.train import decompose
 from tests.conftest import toy_batches, toy_config, toy_target
+from tests.ranks import run_ranks
 
 STEPS = 4
 
@@ -34,30 +32,19 @@ def sliced(rank: int, world: int):
     return batch
 
 
-def _worker(rank: int, world: int, port: int, out: str, config_json: str) -> None:
+def _worker(rank: int, world: int, out: str, config_json: str) -> None:
     from decomposer.vpd.config import DecomposeConfig
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        config = DecomposeConfig.model_validate_json(config_json)
-        d = decompose(config, f"{out}/rank{rank}", target=toy_target(), batches=sliced(rank, world))
-        torch.save({k: v.clone() for k, v in d.tensors().items()}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    config = DecomposeConfig.model_validate_json(config_json)
+    d = decompose(config, f"{out}/rank{rank}", target=toy_target(), batches=sliced(rank, world))
+    torch.save({k: v.clone() for k, v in d.tensors().items()}, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_one_rank_equals_two_ranks(tmp_path):
     config = deterministic_config()
     single = decompose(config, tmp_path / "single", target=toy_target(), batches=toy_batches)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), config.model_dump_json()), nprocs=2, join=True)
+    run_ranks(_worker, 2, tmp_path, str(tmp_path), config.model_dump_json())
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name, value in single.tensors().items():
@@ -65,39 +52,33 @@ def test_one_rank_equals_two_ranks(tmp_path):
         torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6)
 
 
-def _fresh_pgd_worker(rank: int, world: int, port: int, out: str, config_json: str) -> None:
+def _fresh_pgd_worker(rank: int, world: int, out: str, config_json: str) -> None:
+    import decomposer.vpd.step as step_module
     from decomposer.vpd.config import DecomposeConfig
     from decomposer.vpd.run import Decomposition
     from decomposer.vpd.step import Trainer
     from decomposer.vpd.train import _all_reduce_mean, _reduce_mean
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        d = Decomposition.create(DecomposeConfig.model_validate_json(config_json), toy_target())
-        seen = []
-        trainer = Trainer(
-            d,
-            n_ref=16,
-            generator=torch.Generator().manual_seed(rank),
-            reduce_grads=_all_reduce_mean,
-            reduce_source_grad=_reduce_mean,
-            broadcast=lambda t: (dist.broadcast(t, src=0), seen.append(t)),
-        )
-        import decomposer.vpd.step as step_module
+    d = Decomposition.create(DecomposeConfig.model_validate_json(config_json), toy_target())
+    trainer = Trainer(
+        d,
+        n_ref=16,
+        generator=torch.Generator().manual_seed(rank),
+        reduce_grads=_all_reduce_mean,
+        reduce_source_grad=_reduce_mean,
+        broadcast=lambda t: dist.broadcast(t, src=0),
+    )
+    seen = []
+    original = step_module.fresh_pgd
 
-        original = step_module.fresh_pgd
+    def recording(*args, **kwargs):
+        masks, delta, loss = original(*args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in delta.items()})
+        return masks, delta, loss
 
-        def recording(*args, **kwargs):
-            masks, delta, loss = original(*args, **kwargs)
-            seen.append(("masks", {k: v.detach().clone() for k, v in delta.items()}))
-            return masks, delta, loss
-
-        step_module.fresh_pgd = recording
-        trainer.step(sliced(rank, world)(0), 0)
-        torch.save({k: v for k, v in seen[-1][1].items()}, f"{out}/sources{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    step_module.fresh_pgd = recording
+    trainer.step(sliced(rank, world)(0), 0)
+    torch.save(seen[-1], f"{out}/sources{rank}.pt")
 
 
 @pytest.mark.slow
@@ -110,7 +91,7 @@ def test_shared_pgd_sources_stay_identical_across_ranks(tmp_path):
             )
         }
     )
-    mp.spawn(_fresh_pgd_worker, args=(2, _free_port(), str(tmp_path), config.model_dump_json()), nprocs=2, join=True)
+    run_ranks(_fresh_pgd_worker, 2, tmp_path, str(tmp_path), config.model_dump_json())
     a = torch.load(tmp_path / "sources0.pt", weights_only=True)
     b = torch.load(tmp_path / "sources1.pt", weights_only=True)
     # The delta channel of a shared source is one scalar per matrix: equal ranks mean equal sources.
