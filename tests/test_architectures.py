@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -352,3 +353,56 @@ def test_a_decomposition_without_q_and_k_has_no_pairs_and_says_why():
     assert "No block has the fused qkv matrix decomposed" in qk_unavailable(d)
     H = add_qk_pairs(nx.DiGraph(), d, torch.tensor([[1, 2]]))
     assert H.graph["qk_pairs"] == [] and "modules: auto" in H.graph["qk_note"]
+
+
+# --- `vpd decompose` then `vpd graph`, the target loaded by path ----------------------------------
+
+# One family per distinct layout runs by default; the rest are `slow`.
+_E2E_DEFAULT = {"llama", "gpt2", "opt", "gptj", "phi3", "falcon_alibi", "qwen3"}
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in _E2E_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in sorted(FAMILIES)]
+)
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # untrained models predict control tokens
+def test_decompose_then_graph_on_a_saved_model(name, micro_data_dir, tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    from circuits.cli import main
+    from decomposer.data.corpus import corpus_paths
+
+    # The run's loss plots are the same for every family and take most of the time; they are tested elsewhere.
+    monkeypatch.setattr("decomposer.vpd.plots.plot_run", lambda *args, **kwargs: [])
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(corpus_paths(micro_data_dir).tokenizer)
+    config_cls, model_cls, kwargs, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=len(tokenizer), max_position_embeddings=32, **{**_IDS, "pad_token_id": 1}, **kwargs)
+    model_dir = tmp_path / "model"
+    model_cls(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = {
+        "target": str(model_dir),  # a folder, resolved exactly as a hub id would be
+        "data_dir": str(micro_data_dir),
+        "modules": "auto",
+        "ci": {"kind": "global_transformer", "d_model": 16, "n_blocks": 1, "n_heads": 2, "d_mlp": 32},
+        "optim": {"steps": 2, "batch_size": 2, "seq_len": 16, "faithfulness_warmup_steps": 1, "lr": 1e-3},
+        "eval": {"every": 2, "batches": 1, "pgd_steps": [1]},
+    }
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    assert main(["decompose", "--config", str(tmp_path / "c.yaml"), "--out", str(run)]) == 0
+    meta = json.loads((run / "decomposition" / "decomposition.json").read_text())
+    assert {matrix_role(p)[2] for p in meta["modules"]} >= {"o", "down"}
+    capsys.readouterr()
+    out = tmp_path / "graph"
+    args = ["graph", "--run", str(run), "--prompt", "the cat sat on the", "--out", str(out), "--json"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["nodes"] > 0 and summary["edges"] > 0
+    pruned = json.loads(Path(summary["files"]["pruned"]).read_text())
+    graph_attrs = pruned.get("graph", {})
+    if name in QK_NORM:
+        assert "normalises q and k" in graph_attrs["qk_note"] and graph_attrs["qk_pairs"] == []
+    else:
+        assert "qk_note" not in graph_attrs
