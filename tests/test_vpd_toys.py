@@ -18,7 +18,7 @@ import torch
 from circuits.cli import main
 from decomposer.errors import VpdError
 from decomposer.vpd.toy_run import load_toy_config
-from decomposer.vpd.toy_score import Pieces, ground_truth, match_pieces
+from decomposer.vpd.toy_score import Pieces, ground_truth, input_span, match_pieces
 from decomposer.vpd.toys import TMS, ResidMLP, resid_mlp_labels, sparse_feature_batches, train_resid_mlp, train_tms
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toys"
@@ -64,16 +64,25 @@ def test_ground_truth_pieces_of_each_matrix():
     assert torch.equal(w_in.reads, eye) and torch.equal(w_in.writes, tms.W_in.weight.T.detach())
     w_out = ground_truth(tms, "W_out", {})
     assert torch.equal(w_out.reads, tms.W_out.weight.detach()) and torch.equal(w_out.writes, eye)
-    assert ground_truth(tms, "hidden.0", {}) == Pieces("dense", None, None, 2)
+    assert ground_truth(tms, "hidden.0", {"hidden.0": torch.randn(10, 2)}) == Pieces("dense", None, None, 2)
 
     resid = ResidMLP(6, 16, 4, 1, seed=0)
     mlp_in = ground_truth(resid, "layers.0.mlp_in", {})
     assert torch.allclose(mlp_in.writes, resid.W_E @ resid.layers[0].mlp_in.weight.T.detach())
-    # Neuron 2 never switches on: it is not a piece of mlp_out.
-    hidden = torch.tensor([[1.0, 0.0, 0.0, 0.5], [0.0, 2.0, 0.0, 0.0]])
-    mlp_out = ground_truth(resid, "layers.0.mlp_out", {"layers.0.mlp_out": hidden})
-    assert mlp_out.kind == "neurons" and mlp_out.rank == 3
-    assert torch.equal(mlp_out.reads, torch.eye(4)[[0, 1, 3]])
+    # mlp_out is dense; its rank counts only the neurons that ever switch on (here 3 of 4: neuron 2 never does).
+    hidden = torch.tensor([[1.0, 0.0, 0.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert ground_truth(resid, "layers.0.mlp_out", {"layers.0.mlp_out": hidden}) == Pieces("dense", None, None, 3)
+
+
+def test_match_pieces_scores_reads_only_on_the_input_span():
+    reads, writes = torch.eye(4)[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pieces = Pieces("features", reads, writes, 2)
+    # Both subcomponents read their feature plus a large part along e_3, a direction no input reaches.
+    V = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [3.0, -3.0]])  # (d_in, C)
+    U = writes.clone()
+    alive = torch.ones(2, dtype=torch.bool)
+    assert match_pieces(V, U, pieces, alive) == [None, None]
+    assert match_pieces(V, U, pieces, alive, span=input_span(torch.eye(4)[:3])) == [0, 1]
 
 
 def test_match_pieces_needs_both_directions_distinct_and_alive():

@@ -37,21 +37,27 @@ def resolve_config(name: str) -> Path:
     )
 
 
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def format_result(name: str, result: dict) -> str:
     """One seed's scores as a small table."""
     lines = [
-        f"{name} seed {result['seed']}: {'every piece recovered' if result['all_recovered'] else 'NOT all recovered'}"
+        f"{name} seed {result['seed']}: {'every feature' if result['all_recovered'] else 'NOT every feature'} recovered"
         f" (target {result['seconds']['target']:.0f} s, decompose {result['seconds']['decompose']:.0f} s)",
-        f"  {'matrix':<18} {'recovered':>14} {'alive / C':>11} {'CI diag mean':>13} {'CI max off':>11}",
+        f"  {'matrix':<18} {'recovered':>15} {'alive / C':>11} {'CI diag mean':>13} {'CI max off':>11}"
+        f" {'MMCS':>6} {'ML2R':>6}",
     ]
     for path, row in result["matrices"].items():
-        diag = row.get("ci_diagonal_mean")
-        off = row.get("ci_max_off_diagonal")
+        cells = [_cell(row.get(k)) for k in ("ci_diagonal_mean", "ci_max_off_diagonal", "mmcs", "ml2r")]
+        kind = "features" if row["kind"] == "features" else "rank"
         lines.append(
-            f"  {path:<18} {row['recovered']:>4} / {row['pieces']:<3} {row['kind']:<5}"
-            f" {row['alive']:>4} / {row['C']:<4}"
-            f" {'—' if diag is None else f'{diag:.3f}':>13} {'—' if off is None else f'{off:.3f}':>11}"
+            f"  {path:<18} {row['recovered']:>4} / {row['pieces']:<3} {kind:<6}"
+            f" {row['alive']:>4} / {row['C']:<4} {cells[0]:>13} {cells[1]:>11} {cells[2]:>6} {cells[3]:>6}"
         )
+        if row["kind"] == "dense":
+            lines[-1] += f"  (dense: Σ alive vs W error {row['relative_error_alive_sum']:.3f})"
     mse, zero = result["mse_ci"], result["mse_zero"]
     lines.append(f"  MSE of the CI-masked model vs target {mse:.3g} (all masks 0: {zero:.3g})")
     return "\n".join(lines)

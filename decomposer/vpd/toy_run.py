@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from decomposer.configio import load_yaml_config
 from decomposer.io import atomic_write_json
 from decomposer.vpd.config import DecomposeConfig
-from decomposer.vpd.toy_score import all_recovered, score_toy
+from decomposer.vpd.toy_score import all_recovered, dense_as_expected, score_toy
 from decomposer.vpd.toys import TMS, ResidMLP, sparse_feature_batches, train_resid_mlp, train_tms
 from decomposer.vpd.train import decompose
 
@@ -119,7 +119,8 @@ def run_toy(config: ToyConfig, out: str | Path, seed: int, *, progress: bool = F
     """Train the target, decompose it and score it for one seed; write `out/result.json` (and the figures).
 
     Returns:
-        The result: `score_toy`'s dict plus `seed`, `all_recovered`, and the seconds each phase took.
+        The result: `score_toy`'s dict plus `seed`, `all_recovered` (every feature), `dense_as_expected`, and the
+        seconds each phase took.
     """
     out = Path(out)
     began = time.perf_counter()
@@ -136,6 +137,7 @@ def run_toy(config: ToyConfig, out: str | Path, seed: int, *, progress: bool = F
         format_version=FORMAT_VERSION,
         seed=seed,
         all_recovered=all_recovered(result),
+        dense_as_expected=dense_as_expected(result),
         seconds={"target": trained - began, "decompose": decomposed - trained},
     )
     if plots:
