@@ -142,7 +142,7 @@ def firing_matrix(
 
 
 def heldout_batches(d: Decomposition, tokenizer: PreTrainedTokenizerBase, n_tokens: int) -> list[Tensor]:
-    """Held-out windows of the run's `seq_len` and `batch_size` holding at least `n_tokens` tokens.
+    """Held-out windows (`run_heldout_windows`) in batches of the run's `batch_size`, at least `n_tokens` tokens.
 
     The count is rounded up to whole windows, and capped by the held-out text available.
 
@@ -151,11 +151,10 @@ def heldout_batches(d: Decomposition, tokenizer: PreTrainedTokenizerBase, n_toke
     """
     from decomposer.vpd.batches import run_heldout_windows
 
-    cfg = d.config
-    windows = run_heldout_windows(cfg, tokenizer, n_tokens=n_tokens)
-    if len(windows) * cfg.optim.seq_len < n_tokens:
+    windows = run_heldout_windows(d.config, tokenizer, target=d.model.target, n_tokens=n_tokens)
+    if windows.numel() < n_tokens:
         logger.warning("held-out text has %d windows, fewer than %d tokens' worth", len(windows), n_tokens)
-    return list(windows.split(cfg.optim.batch_size))
+    return list(windows.split(d.config.optim.batch_size))
 
 
 def description_length(F: Tensor, labels: Sequence[int], rank_costs: Sequence[float], alpha: float) -> float:

@@ -390,7 +390,7 @@ def edit_study(
 def heldout_windows(
     d: Decomposition, tokenizer: PreTrainedTokenizerBase, *, eval_tokens: int = 4096, lora_tokens: int = 0
 ) -> tuple[Tensor, Tensor | None]:
-    """Held-out windows of the run's training length: about `eval_tokens` to evaluate on, then the next windows,
+    """Held-out windows (`run_heldout_windows`): about `eval_tokens` to evaluate on, then the next windows,
     about `lora_tokens`, to cut LoRA training windows from (None when 0); the two parts share no window.
 
     Raises:
@@ -402,7 +402,7 @@ def heldout_windows(
     seq_len = heldout_seq_len(cfg, d.model.target)
     n_eval = max(1, math.ceil(eval_tokens / seq_len))
     n_lora = math.ceil(lora_tokens / seq_len) if lora_tokens > 0 else 0
-    windows = run_heldout_windows(cfg, tokenizer, n_tokens=(n_eval + n_lora) * seq_len, seq_len=seq_len)
+    windows = run_heldout_windows(cfg, tokenizer, target=d.model.target, n_windows=n_eval + n_lora)
     eval_ids = windows[:n_eval]
     if lora_tokens <= 0:
         return eval_ids, None

@@ -80,15 +80,18 @@ def test_heldout_windows_are_the_evaluation_windows(bundled, tmp_path):
         {"modules": [{"pattern": "model.layers.*.mlp.down_proj", "C": 4}], "data_dir": str(tmp_path)}
     )  # no corpus in tmp_path: the shipped held-out sample
     held = run_heldout_tokens(config, tokenizer)
-    windows = run_heldout_windows(config, tokenizer, n_tokens=5 * 128 + 1, seq_len=128)
+    model, _ = bundled  # context 256: longer run windows are cut to it, shorter ones kept
+    windows = run_heldout_windows(config, tokenizer, target=model, n_tokens=5 * 128 + 1)
     assert windows.shape == (6, 128)
     eval_windows = torch.cat(lm_eval_batches(held, batch_size=3, seq_len=128, n_batches=2))
     assert torch.equal(windows, eval_windows)
     assert torch.equal(windows[0], torch.from_numpy(held[:128].astype("int64")))
     with pytest.raises(VpdError, match="`--tokens` must be at least 1"):
-        run_heldout_windows(config, tokenizer, n_tokens=0)
+        run_heldout_windows(config, tokenizer, target=model, n_tokens=0)
+    assert torch.equal(run_heldout_windows(config, tokenizer, target=model, n_windows=6), windows)
 
-    model, _ = bundled  # context 256: longer run windows are cut to it, shorter ones kept
     assert heldout_seq_len(config, model) == config.optim.seq_len == 128
     long = config.model_copy(update={"optim": config.optim.model_copy(update={"seq_len": 1024})})
     assert heldout_seq_len(long, model) == model.config.max_position_embeddings == 256
+    capped = run_heldout_windows(long, tokenizer, target=model, n_tokens=600)
+    assert capped.shape == (3, 256) and torch.equal(capped[0], torch.from_numpy(held[:256].astype("int64")))

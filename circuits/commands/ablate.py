@@ -46,10 +46,9 @@ def _top(probs, tokenizer, k: int = TOP_K) -> list[dict]:
 
 def _reference(d, tokenizer, size: int):
     """The first `size` held-out windows, as for `vpd eval`."""
-    from decomposer.vpd.batches import heldout_seq_len, run_heldout_windows
+    from decomposer.vpd.batches import run_heldout_windows
 
-    seq_len = heldout_seq_len(d.config, d.model.target)
-    return run_heldout_windows(d.config, tokenizer, n_tokens=size * seq_len, seq_len=seq_len)
+    return run_heldout_windows(d.config, tokenizer, target=d.model.target, n_windows=size)
 
 
 def _ablate(args: argparse.Namespace) -> None:

@@ -63,8 +63,9 @@ def _harvest(args: argparse.Namespace) -> None:
         d.model.to("cuda")
         d.ci_fn.to("cuda")
     cfg = d.config
-    batch_size, seq_len = args.batch_size or cfg.optim.batch_size, cfg.optim.seq_len
-    batches = list(run_heldout_windows(cfg, tokenizer, n_tokens=args.tokens, seq_len=seq_len).split(batch_size))
+    batch_size = args.batch_size or cfg.optim.batch_size
+    windows = run_heldout_windows(cfg, tokenizer, target=d.model.target, n_tokens=args.tokens)
+    seq_len, batches = windows.shape[1], list(windows.split(batch_size))
     h = harvest(d, batches, tokenizer=tokenizer, tau_fire=args.tau, progress=True)
     try:
         folder = save_harvest(h, out, progress=True)

@@ -52,8 +52,7 @@ def _qk(args: argparse.Namespace) -> None:
             f"`--layer` {args.layer} is not a block with decomposed q and k projections; use one of {shown}."
         )
     cfg = d.config
-    seq_len = vpd_batches.heldout_seq_len(cfg, d.model.target)
-    windows = vpd_batches.run_heldout_windows(cfg, tokenizer, n_tokens=args.tokens, seq_len=seq_len)
+    windows = vpd_batches.run_heldout_windows(cfg, tokenizer, target=d.model.target, n_tokens=args.tokens)
     batches = list(torch.split(windows, cfg.optim.batch_size))
 
     stats = qk.firing_stats(d, batches, progress=not args.json)

@@ -68,28 +68,39 @@ def heldout_seq_len(config, target) -> int:
 
 
 def run_heldout_windows(
-    config, tokenizer: PreTrainedTokenizerBase, *, n_tokens: int, seq_len: int | None = None
+    config,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    target,
+    n_tokens: int | None = None,
+    n_windows: int | None = None,
 ) -> torch.Tensor:
-    """The first ⌈n_tokens / seq_len⌉ non-overlapping held-out windows of a run, (N, seq_len).
+    """The first non-overlapping held-out windows of a run, (N, seq_len), seq_len = `heldout_seq_len`.
 
-    Every analysis cuts its held-out text here, so two commands asked for the same number of tokens read the
-    same windows (and those of `vpd eval`, which starts at the same place). Fewer windows come back when the
-    held-out text runs out.
+    Every analysis cuts its held-out text here, so two commands asked for the same amount read the same
+    windows (and those of `vpd eval`, which starts at the same place), never longer than the target's context.
+    Fewer windows come back when the held-out text runs out.
 
     Args:
         config: The run's `DecomposeConfig`.
         tokenizer: The target's tokenizer.
-        n_tokens: Tokens wanted, rounded up to whole windows.
-        seq_len: Window length; the run's `optim.seq_len` by default.
+        target: The target model, whose context caps the window length.
+        n_tokens: Tokens wanted, rounded up to whole windows; or
+        n_windows: Windows wanted. Pass exactly one of the two.
 
     Raises:
-        VpdError: `n_tokens` below 1, or held-out text shorter than one window.
+        VpdError: `n_tokens` or `n_windows` below 1, or held-out text shorter than one window.
     """
-    if n_tokens < 1:
+    if (n_tokens is None) == (n_windows is None):
+        raise VpdError("Pass exactly one of `n_tokens` and `n_windows` to `run_heldout_windows`.")
+    if n_tokens is not None and n_tokens < 1:
         raise VpdError(f"`--tokens` must be at least 1; got {n_tokens}.")
-    seq_len = seq_len or config.optim.seq_len
+    if n_windows is not None and n_windows < 1:
+        raise VpdError(f"`n_windows` must be at least 1; got {n_windows}.")
+    seq_len = heldout_seq_len(config, target)
     held = run_heldout_tokens(config, tokenizer)
-    windows = contiguous_windows(held, seq_len=seq_len - 1, max_windows=-(-n_tokens // seq_len))
+    max_windows = n_windows if n_windows is not None else -(-n_tokens // seq_len)
+    windows = contiguous_windows(held, seq_len=seq_len - 1, max_windows=max_windows)
     if len(windows) == 0:
         raise VpdError(
             f"The held-out text has {len(held)} tokens, fewer than one window of {seq_len}; build a larger corpus."
