@@ -196,7 +196,9 @@ def test_click_lists_inputs_and_outputs(browser, tmp_path):
         "var ul = document.querySelectorAll('#vpd-selected ul')[0];"
         "return Array.from(ul.querySelectorAll('.w')).map(w => parseFloat(w.textContent));"
     )
-    assert weights == sorted(weights, reverse=True) and min(weights) < 0 < max(weights)
+    positive, negative = [w for w in weights if w >= 0], [w for w in weights if w < 0]
+    assert positive and negative and weights == positive + negative  # positive first, each strongest first
+    assert positive == sorted(positive, reverse=True) and negative == sorted(negative)
     assert _errors(browser) == []
 
 

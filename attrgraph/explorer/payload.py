@@ -203,7 +203,17 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
     for pair in G.graph.get("qk_pairs", []) or []:
         o, q, k = pair.get("o_node"), pair.get("q_node"), pair.get("k_node")
         if o in index:
-            qk.append({"o": index[o], "q": index.get(q), "k": index.get(k), "strength": _finite(pair.get("strength"))})
+            qk.append(
+                {
+                    "o": index[o],
+                    "q": index.get(q),
+                    "k": index.get(k),
+                    "q_label": str(pair.get("q_label") or q),
+                    "k_label": str(pair.get("k_label") or k),
+                    "key_pos": pair.get("key_pos"),
+                    "strength": _finite(pair.get("strength")),
+                }
+            )
     graph_attrs = _json_native(dict(G.graph))
     return {
         "version": PAYLOAD_VERSION,

@@ -36,7 +36,7 @@
   var nRows = rowName.length;
   function nodeName(n) {
     var a = n.attrs;
-    if (n.kind === "logit") { return "logit " + (a.logit_token !== undefined ? showTok(a.logit_token) : (a.label || a.token_id)); }
+    if (n.kind === "logit") { return "logit @" + a.pos; }
     if (n.kind === "emb") { return "Emb " + showTok(a.token || "") + " @" + a.pos; }
     return (n.key || n.id) + " @" + a.pos;
   }
@@ -71,9 +71,11 @@
   });
   var wTotal = E.reduce(function (s, e) { return s + Math.abs(e[2]); }, 0) || 1;
 
+  var BUCKETS = [[0.08, 0.6], [0.25, 1.0], [0.5, 1.8], [0.8, 3.0]];
+  function bucketOf(w) { var f = Math.abs(w) / maxW; return f < 0.1 ? 0 : f < 0.3 ? 1 : f < 0.6 ? 2 : 3; }
   var state = {sel: null, pins: [], groups: [], nt: 1, et: 1};
   var nodeOn = new Uint8Array(N.length), edgeOn = new Uint8Array(E.length);
-  var visEdges = [];
+  var visEdges = [], byBucket = [];
 
   // circuit-tracer's rule: keep the most influential nodes until their share of the total reaches
   // the threshold; embeddings and logits always stay. Edges likewise by share of total |weight|.
@@ -96,6 +98,9 @@
       edgeOn[i] = 1; visEdges.push(i);
       wcum += Math.abs(e[2]);
     }
+    // Edges grouped by (sign, strength) once per pruning, so each frame strokes 8 paths in one pass.
+    byBucket = [[], [], [], [], [], [], [], []];
+    visEdges.forEach(function (i) { byBucket[(E[i][2] < 0 ? 4 : 0) + bucketOf(E[i][2])].push(i); });
   }
 
   // ---- the network ----------------------------------------------------------------------------
@@ -143,29 +148,22 @@
     drawEdges(ctx, s);
   });
 
-  var BUCKETS = [[0.08, 0.6], [0.25, 1.0], [0.5, 1.8], [0.8, 3.0]];
-  function bucketOf(w) { var f = Math.abs(w) / maxW; return f < 0.1 ? 0 : f < 0.3 ? 1 : f < 0.6 ? 2 : 3; }
   function drawEdges(ctx, s) {
     var sel = state.sel === null ? -1 : indexOf[state.sel];
     var dim = sel >= 0;
-    for (var sign = 0; sign < 2; sign++) {
-      var rgb = sign ? NEG : POS;
-      for (var b = 0; b < 4; b++) {
-        ctx.beginPath();
-        var any = false;
-        for (var k = 0; k < visEdges.length; k++) {
-          var e = E[visEdges[k]];
-          if ((e[2] < 0) !== (sign === 1) || bucketOf(e[2]) !== b) { continue; }
-          if (dim && (e[0] === sel || e[1] === sel)) { continue; }
-          var u = N[e[0]], v = N[e[1]];
-          ctx.moveTo(u.x, u.y); ctx.lineTo(v.x, v.y); any = true;
-        }
-        if (!any) { continue; }
-        var alpha = dim ? 0.05 : BUCKETS[b][0];
-        ctx.strokeStyle = "rgba(" + rgb.join(",") + "," + alpha + ")";
-        ctx.lineWidth = BUCKETS[b][1] / s;
-        ctx.stroke();
+    for (var b = 0; b < 8; b++) {
+      var list = byBucket[b];
+      if (!list.length) { continue; }
+      ctx.beginPath();
+      for (var k = 0; k < list.length; k++) {
+        var e = E[list[k]];
+        if (dim && (e[0] === sel || e[1] === sel)) { continue; }
+        var u = N[e[0]], v = N[e[1]];
+        ctx.moveTo(u.x, u.y); ctx.lineTo(v.x, v.y);
       }
+      ctx.strokeStyle = "rgba(" + (b >= 4 ? NEG : POS).join(",") + "," + (dim ? 0.05 : BUCKETS[b % 4][0]) + ")";
+      ctx.lineWidth = BUCKETS[b % 4][1] / s;
+      ctx.stroke();
     }
     if (dim) {
       inE[sel].concat(outE[sel]).forEach(function (i) {
@@ -372,7 +370,12 @@
     var frag = document.createDocumentFragment();
     frag.appendChild(el("h3", title + " (" + list.length + ")"));
     var ul = el("ul");
-    list.slice().sort(function (a, b) { return E[b][2] - E[a][2]; }).forEach(function (i) {
+    // Positive edges strongest first, then negative edges strongest first.
+    list.slice().sort(function (a, b) {
+      var wa = E[a][2], wb = E[b][2];
+      if ((wa < 0) !== (wb < 0)) { return wa < 0 ? 1 : -1; }
+      return Math.abs(wb) - Math.abs(wa);
+    }).forEach(function (i) {
       ul.appendChild(edgeRow(i, E[i][otherEnd]));
     });
     frag.appendChild(ul);
@@ -394,8 +397,8 @@
       selPane.appendChild(el("h3", "q/k pairs (" + pairs.length + ", dashed)"));
       var ul = el("ul");
       pairs.forEach(function (p) {
-        var q = p.q !== null && p.q !== undefined ? nodeName(N[p.q]) : "(pruned q)";
-        var k = p.k !== null && p.k !== undefined ? nodeName(N[p.k]) : "(pruned k)";
+        var q = p.q !== null && p.q !== undefined ? nodeName(N[p.q]) : p.q_label + " (not in graph)";
+        var k = p.k !== null && p.k !== undefined ? nodeName(N[p.k]) : p.k_label + " (not in graph)";
         ul.appendChild(el("li", fmt(p.strength) + "  " + q + " \u00d7 " + k));
       });
       selPane.appendChild(ul);
@@ -573,8 +576,10 @@
     document.getElementById("vpd-nt-value").textContent = state.nt.toFixed(2);
     document.getElementById("vpd-et-value").textContent = state.et.toFixed(2);
   }
+  // vis-network's own request: at most one drawing per animation frame, however many changes.
+  function requestDraw() { network.body.emitter.emit("_requestRedraw"); }
   function changed() {
-    renderSelected(); renderPinned(); writeHash(); network.redraw();
+    renderSelected(); renderPinned(); writeHash(); requestDraw();
   }
   function select(id, focus) {
     state.sel = id;
@@ -616,8 +621,8 @@
     }
     select(p.nodes.length ? p.nodes[0] : null, false);
   });
-  nodeSlider.addEventListener("input", function () { state.nt = +nodeSlider.value; applyPrune(); writeHash(); renderSelected(); network.redraw(); });
-  edgeSlider.addEventListener("input", function () { state.et = +edgeSlider.value; applyPrune(); writeHash(); renderSelected(); network.redraw(); });
+  nodeSlider.addEventListener("input", function () { state.nt = +nodeSlider.value; applyPrune(); writeHash(); renderSelected(); requestDraw(); });
+  edgeSlider.addEventListener("input", function () { state.et = +edgeSlider.value; applyPrune(); writeHash(); renderSelected(); requestDraw(); });
   document.getElementById("vpd-group").addEventListener("click", function () {
     group(document.getElementById("vpd-sn-name").value.trim());
   });
