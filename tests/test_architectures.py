@@ -196,6 +196,29 @@ def test_unsupported_models_and_paths_get_one_sentence():
     assert architecture_of(build("llama")).family == "Llama"
 
 
+@pytest.mark.parametrize(
+    ("modules", "expected"),
+    [
+        ("auto", "auto"),
+        ("{auto: true, C: {q: 8}, scale: 0.5}", AutoModules(C={"q": 8}, scale=0.5)),
+        ("[{pattern: 'model.layers.*.mlp.up_proj'}]", (ModuleSpec(pattern="model.layers.*.mlp.up_proj"),)),
+        ("automatic", "`modules` in .*write `modules: auto` or a list of \\{pattern, C\\} entries"),
+        ("{auto: true, C: {q: 0}}", "`modules.C.q` in .*greater than 0"),
+        ("[{pattern: a, C: -3}]", "`modules.0.C` in .*greater than 0"),
+    ],
+)
+def test_module_config_forms(modules, expected, tmp_path):
+    from decomposer.vpd.config import load_decompose_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"modules: {modules}\n")
+    if isinstance(expected, str) and expected != "auto":
+        with pytest.raises(VpdError, match=expected):
+            load_decompose_config(path)
+    else:
+        assert load_decompose_config(path).modules == expected
+
+
 # --- exactness ------------------------------------------------------------------------------------
 
 

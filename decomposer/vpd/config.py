@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from decomposer.configio import load_yaml_config
 from decomposer.vpd.targets import AutoModules, ModuleSpec
@@ -95,6 +95,9 @@ class EvalConfig(_Frozen):
     pgd_step_size: float = Field(0.1, gt=0, description="Sign-ascent step of the PGD probe.")
 
 
+_MODULE_LIST = TypeAdapter(tuple[ModuleSpec, ...])
+
+
 class DecomposeConfig(_Frozen):
     """A VPD run: the target, which matrices to decompose with which C, and how to train."""
 
@@ -116,6 +119,18 @@ class DecomposeConfig(_Frozen):
         "the faithfulness warm-up; its target, modules, C and CI network must match. Continues a finished run "
         "under a new schedule.",
     )
+
+    @field_validator("modules", mode="wrap")
+    @classmethod
+    def _one_form(cls, value: object, handler: object) -> object:
+        # Validate against the one form the value is written in, so an error names `modules.0.C`, not a union member.
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError("write `modules: auto` or a list of {pattern, C} entries")
+            return value
+        if isinstance(value, dict | AutoModules):
+            return AutoModules.model_validate(value)
+        return _MODULE_LIST.validate_python(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> DecomposeConfig:
