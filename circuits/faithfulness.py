@@ -29,6 +29,7 @@ from torch import Tensor
 from attrgraph.nodes import NodeId
 from circuits.interventions import _check_ids, _log_probs, _logits, _readout, resolve_sites
 from decomposer.errors import VpdError
+from decomposer.vpd.losses import mask_from_sources
 from decomposer.vpd.run import Decomposition
 
 
@@ -149,7 +150,7 @@ def _row(
             return _log_probs(_logits(d.model(tokens.expand(n, -1), masks=masks, delta_masks=deltas))[:, t_star])
 
     def mixed(gg: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {p: (gg[p] + (1.0 - gg[p]) * s[p]).reshape(-1, *gg[p].shape) for p in gg}
+        return {p: mask_from_sources(gg[p], s[p]).reshape(-1, *gg[p].shape) for p in gg}
 
     def kl(lq: Tensor) -> Tensor:
         return (ref.exp() * (ref - lq)).sum(-1)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from decomposer.vpd.adversary import fresh_pgd
+from decomposer.vpd.losses import mask_from_sources
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.step import output_of, reconstruction, routing_masks, stochastic_masks
 
@@ -37,7 +38,7 @@ def mode_masks(mode: str, g: dict[str, Tensor], generator: torch.Generator) -> d
     if mode == "random":
         return r
     assert mode == "stochastic", mode
-    return {p: g_l + (1 - g_l) * r[p] for p, g_l in g.items()}
+    return {p: mask_from_sources(g_l, r[p]) for p, g_l in g.items()}
 
 
 def _ce(logits: Tensor, tokens: Tensor) -> Tensor:

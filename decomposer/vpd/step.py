@@ -24,6 +24,7 @@ from decomposer.vpd.losses import (
     cosine_lr,
     faithfulness_loss,
     kl_divergence,
+    mask_from_sources,
     minimality_loss,
     mse_output_loss,
     p_schedule,
@@ -84,7 +85,7 @@ def stochastic_masks(
         r = torch.rand(g_l.shape, generator=generator, device=generator.device).to(g_l.device)
         if binomial:
             r = (r < 0.5).to(g_l.dtype)
-        masks[p] = g_l + (1 - g_l) * r
+        masks[p] = mask_from_sources(g_l, r)
         delta_masks[p] = torch.rand(leading, generator=generator, device=generator.device).to(g_l.device)
     return masks, delta_masks
 
