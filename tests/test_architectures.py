@@ -429,3 +429,37 @@ def test_decompose_then_graph_on_a_saved_model(name, micro_data_dir, tmp_path, c
         assert "normalises q and k" in graph_attrs["qk_note"] and graph_attrs["qk_pairs"] == []
     else:
         assert "qk_note" not in graph_attrs
+
+
+def test_readme_lists_every_family_and_its_add_a_family_example_works(monkeypatch, request):
+    import re
+    from types import SimpleNamespace
+
+    import decomposer.architectures as registry
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1) for m in re.finditer(r"^\| [^|]+ \| `([a-z0-9_]+)` \|", section, re.M)}
+    assert rows - {"model_type"} == {t for a in registry.architectures() for t in a.model_types}
+    # The README's adapter, run as written, makes a new family decomposable with `modules: auto`.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    request.addfinalizer(registry._matrix_role.cache_clear)  # no role of the example outlives the test
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(example, {})
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("wq", "wk", "wv", "wo")})
+            self.ffn = nn.ModuleDict({"w1": nn.Linear(8, 32), "w2": nn.Linear(32, 8)})
+
+    class MyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(model_type="mylm", hidden_size=8, num_attention_heads=2)
+            self.model = nn.Module()
+            self.model.blocks = nn.ModuleList([Block(), Block()])
+
+    chosen = select_modules(MyLM(), "auto")
+    assert len(chosen) == 12 and chosen["model.blocks.1.ffn.w2"] == round(4.67 * 8)
+    assert matrix_role("model.blocks.1.attn.wk") == (1, "attn", "k")
