@@ -41,9 +41,7 @@ def main() -> None:
     else:
         d = Decomposition.create(load_decompose_config("configs/smoke.yaml"), target)
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.tokens]
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(ids)
-        g, _ = d.causal_importance(xs)
+    g = d.network_ci(ids)
     ci = {p: torch.where(v[0] > args.ci_threshold, v[0], torch.zeros_like(v[0])) for p, v in g.items()}
 
     start = time.perf_counter()

@@ -122,8 +122,7 @@ def firing_matrix(
     for batch in tqdm(token_batches, desc="firing", total=total, disable=not progress):
         if not isinstance(batch, Tensor) or batch.ndim != 2 or batch.is_floating_point():
             raise VpdError(f"`token_batches` must yield (B, T) integer tensors; got {getattr(batch, 'shape', batch)}.")
-        _, xs = d.model.forward_with_inputs(batch.to(d.model_device))
-        g, _ = d.causal_importance(xs)
+        g = d.network_ci(batch)
         chunks.append(torch.cat([(g[p] > tau).flatten(0, -2).cpu() for p in paths], dim=1))
     if not chunks:
         raise VpdError("`token_batches` is empty; pass at least one batch of tokens.")

@@ -269,8 +269,7 @@ def find_token_specific(
     fired = {p: torch.zeros(d.Cs[p], dtype=torch.long) for p in modules}
     on_trigger = {p: torch.zeros(d.Cs[p], dtype=torch.long) for p in modules}
     for chunk, trig in zip(ids.split(batch_size), is_trigger.split(batch_size), strict=True):
-        _, xs = d.model.forward_with_inputs(chunk.to(d.model_device))
-        g, _ = d.causal_importance(xs)
+        g = d.network_ci(chunk)
         for p in modules:
             fire = (g[p] > threshold).cpu()  # (batch, seq, C)
             fired[p] += fire.sum((0, 1))

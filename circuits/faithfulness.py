@@ -97,9 +97,7 @@ def _row_ci(
 
     L = tokens.shape[1]
     if ci is None:
-        with torch.no_grad():
-            _, xs = d.model.forward_with_inputs(tokens)
-            g = {p: v[0].detach() for p, v in d.causal_importance(xs)[0].items()}
+        g = {p: v[0] for p, v in d.network_ci(tokens).items()}
         return g, {p: v > 0 for p, v in g.items()}
     out = {}
     for p, C in d.Cs.items():

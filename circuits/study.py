@@ -171,10 +171,7 @@ def _n_comp(G: nx.DiGraph) -> int:
 
 
 def _network_ci(d: Decomposition, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(ids.to(d.model_device))
-        g, _ = d.causal_importance(xs)
-    return {p: v[0] for p, v in g.items()}
+    return {p: v[0] for p, v in d.network_ci(ids).items()}
 
 
 def study_prompt(

@@ -201,8 +201,7 @@ def test_firing_matrix_matches_direct_ci():
     with torch.no_grad():
         direct = []
         for batch in batches:
-            _, xs = d.model.forward_with_inputs(batch)
-            g, _ = d.causal_importance(xs)
+            g = d.network_ci(batch)
             direct.append(torch.cat([g[p].reshape(-1, 8) > tau for p in d.module_paths], dim=1))
     full = torch.cat(direct)
     alive = full.any(0)

@@ -175,8 +175,7 @@ def test_find_token_specific_matches_brute_force_counts(d, ids):
     triggers = [int(ids[0, 0]), int(ids[1, 3])]
     tok = type("Tok", (), {"__len__": lambda self: VOCAB})()  # integer triggers only need the vocabulary size
     found = find_token_specific(d, tok, ids, triggers, threshold=0.0, max_density=1.0, top_k=1000)
-    _, xs = d.model.forward_with_inputs(ids)
-    g, _ = d.causal_importance(xs)
+    g = d.network_ci(ids)
     is_trig = torch.isin(ids, torch.tensor(triggers))
     expected = {}
     for p in (q for q in d.module_paths if q.endswith(("o_proj", "down_proj"))):
@@ -341,8 +340,7 @@ def tiny_run(tmp_path_factory):
     )  # fmt: skip
     d = Decomposition.create(config, model)
     save_state(root / "run", d, step=0, target_name=str(root / "model"), train_state={})
-    _, xs = d.model.forward_with_inputs(torch.randint(1, 4096, (4, 32), generator=torch.Generator().manual_seed(0)))
-    g, _ = d.causal_importance(xs)
+    g = d.network_ci(torch.randint(1, 4096, (4, 32), generator=torch.Generator().manual_seed(0)))
     return root / "run", f"1.mlp.down:{int((g[DOWN] > 0).sum((0, 1)).argmax())}"
 
 

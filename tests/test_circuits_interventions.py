@@ -343,9 +343,7 @@ def test_whole_circuit_on_an_exact_decomposition_reproduces_the_target():
 
 def _network_ci(d, tokens):
     """Path → (T, C) CI of the CI network on one (1, T) prompt."""
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(tokens)
-        return {p: v[0] for p, v in d.causal_importance(xs)[0].items()}
+    return {p: v[0] for p, v in d.network_ci(tokens).items()}
 
 
 def test_whole_alive_set_matches_the_graph_report(d, ids):

@@ -106,9 +106,7 @@ def test_study_table(setup, tmp_path):
     assert table["p_target"][0] == pytest.approx(float(p_her), rel=1e-9)
 
     # The network graph holds every subcomponent with CI > 0 on the prompt.
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(ids)
-        g, _ = d.causal_importance(xs)
+    g = d.network_ci(ids)
     assert table["n_nodes"][2] == sum(int((v > 0).sum()) for v in g.values())
 
     # shared_nodes is the overlap of the two graphs' component keys, per graph type; rebuild them.

@@ -9,9 +9,20 @@ from safetensors.torch import load_file
 from circuits.cli import main
 from decomposer.errors import VpdError
 from decomposer.vpd.config import DecomposeConfig
-from decomposer.vpd.run import META_FILE, STATE_DIR, WEIGHTS_FILE, load_decomposition
+from decomposer.vpd.run import META_FILE, STATE_DIR, WEIGHTS_FILE, Decomposition, load_decomposition
 from decomposer.vpd.train import decompose
 from tests.conftest import toy_batches, toy_config, toy_target
+
+
+def test_network_ci_is_the_ci_function_on_a_clean_forward():
+    d = Decomposition.create(toy_config(), toy_target())
+    x = toy_batches(0)
+    _, xs = d.model.forward_with_inputs(x)
+    expected, _ = d.causal_importance(xs)
+    got = d.network_ci(x)
+    assert set(got) == {"enc", "dec"} and got["enc"].shape == (16, 4) and not got["enc"].requires_grad
+    for p in got:
+        assert torch.equal(got[p], expected[p]), p
 
 
 def test_run_folder_layout_and_bit_exact_reload(tmp_path):

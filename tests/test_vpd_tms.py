@@ -75,10 +75,7 @@ def decomposed(tms, tmp_path_factory):
 
 def one_hot_ci(d, value: float) -> dict[str, torch.Tensor]:
     """CI per path on the one-hot inputs: row i of each (N_FEATURES, C) tensor has only feature i on, at `value`."""
-    with torch.no_grad():
-        _, xs = d.model.forward_with_inputs(value * torch.eye(N_FEATURES))
-        g, _ = d.causal_importance(xs)
-    return g
+    return d.network_ci(value * torch.eye(N_FEATURES))
 
 
 def matches(d, path: str) -> list[int]:

@@ -21,9 +21,7 @@ def ci_statistics(d: Decomposition, batches: Sequence[Tensor]) -> tuple[dict[str
     l0_sums: dict[str, float] = {}
     count = 0
     for batch in batches:
-        _, xs = d.model.forward_with_inputs(batch.to(d.model_device))
-        g, _ = d.causal_importance(xs)
-        for p, g_l in g.items():
+        for p, g_l in d.network_ci(batch).items():
             flat = g_l.reshape(-1, g_l.shape[-1])
             ci_sums[p] = ci_sums.get(p, 0) + flat.sum(0)
             l0_sums[p] = l0_sums.get(p, 0.0) + float((flat > 0).sum())

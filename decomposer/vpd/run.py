@@ -84,6 +84,13 @@ class Decomposition:
         acts = {p: self.model.components(p).component_acts(x) for p, x in xs.items()}
         return causal_importance(self.ci_fn, xs, acts, sigmoid=self.config.ci.sigmoid, alpha=self.config.ci.alpha)
 
+    @torch.no_grad()
+    def network_ci(self, inputs: Tensor) -> dict[str, Tensor]:
+        """g of the CI network on `inputs` (token ids, or a batch for a plain module): one clean forward that
+        records each matrix's input, then the CI function. Path → (..., C), no gradient."""
+        _, xs = self.model.forward_with_inputs(inputs.to(self.model_device))
+        return self.causal_importance(xs)[0]
+
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(U and V parameters, CI-function parameters)."""
         uv = [t for p in self.module_paths for t in (self.model.components(p).V, self.model.components(p).U)]
