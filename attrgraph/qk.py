@@ -52,6 +52,7 @@ __all__ = [
     "attention_layout",
     "attention_pattern",
     "data_dependent_strength",
+    "qk_blocks",
     "qk_pairs_for_o",
     "qk_unavailable",
     "rope_cos_sin",
@@ -119,8 +120,8 @@ def _blocks_with(d: Decomposition, short: str) -> dict[int, str]:
     return out
 
 
-def _qk_blocks(d: Decomposition) -> dict[int, tuple[str, str]]:
-    """Block → (q path, k path) for every block whose query and key matrices are decomposed."""
+def qk_blocks(d: Decomposition) -> dict[int, tuple[str, str]]:
+    """Block → (q path, k path) for every block whose query and key matrices (or fused qkv) are decomposed."""
     qs, ks, fused = _blocks_with(d, "q"), _blocks_with(d, "k"), _blocks_with(d, "qkv")
     out = {block: (fused[block], fused[block]) for block in fused}
     out.update({block: (qs[block], ks[block]) for block in set(qs) & set(ks)})
@@ -138,7 +139,7 @@ def qk_unavailable(d: Decomposition) -> str | None:
             f"{spec.arch.family} normalises q and k after the projection, so its attention scores do not split "
             "into q/k subcomponent pairs."
         )
-    if not _qk_blocks(d):
+    if not qk_blocks(d):
         names = "the fused qkv matrix" if spec.qkv_columns is not None else "both the q and the k matrix"
         return f"No block has {names} decomposed, so there are no q/k pairs; decompose them (e.g. `modules: auto`)."
     return None
@@ -154,7 +155,7 @@ def attention_layout(d: Decomposition, layer: int) -> AttentionLayout:
     reason = qk_unavailable(d)
     if reason is not None:
         raise VpdError(reason)
-    blocks = _qk_blocks(d)
+    blocks = qk_blocks(d)
     if not isinstance(layer, int) or isinstance(layer, bool) or layer not in blocks:
         raise VpdError(
             f"`layer` {layer!r} is not a block with decomposed q and k projections; use one of "
@@ -208,10 +209,12 @@ class Rope:
     Attributes:
         inv_freq: (rotary_dim / 2,) angular frequencies θ_i; position p rotates pair i by p·θ_i.
         scaling: The factor the model multiplies cos and sin by (1 for default RoPE; YaRN etc. differ).
+        interleaved: Pair i is dims (2i, 2i + 1) (GPT-J) rather than (i, i + rotary_dim / 2).
     """
 
     inv_freq: Tensor
     scaling: float
+    interleaved: bool = False
 
     @property
     def rotary_dim(self) -> int:
@@ -230,8 +233,20 @@ def rope_of(d: Decomposition) -> Rope | None:
     """The target's rotary embedding, or None for a model without RoPE (then R_τ = I).
 
     The frequencies are the rotary module's `inv_freq` buffer as loaded (dynamic-scaling types change
-    them only past the original context).
+    them only past the original context). The family's position scheme decides whether there is a
+    rotation at all (an ALiBi Falcon still carries a rotary module) and its pairing; GPT-J's fixed
+    sinusoid table is base 10,000 over its rotary width.
     """
+    try:
+        spec = attention_spec(d.model.target)
+    except VpdError:  # a model outside the registry: trust its rotary module, if any
+        spec = None
+    if spec is not None and not spec.positions.rotary:
+        return None
+    if spec is not None and spec.positions.kind == "rope_interleaved":
+        rot = spec.positions.rotary_dim or spec.heads.d_head
+        inv_freq = 1.0 / (10_000.0 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+        return Rope(inv_freq, 1.0, interleaved=True)
     module = _rotary_module(d.model.target)
     if module is None:
         return None
@@ -239,7 +254,8 @@ def rope_of(d: Decomposition) -> Rope | None:
 
 
 def rope_cos_sin(rope: Rope | None, positions: Tensor, *, head_dim: int) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each (P, rotary_dim), in the HF layout cat(p·θ, p·θ) and times `rope.scaling`.
+    """(cos, sin), each (P, rotary_dim), in the HF layout cat(p·θ, p·θ) (interleaved: each angle twice in a
+    row) and times `rope.scaling`.
 
     For `rope` None both have width 0, so `apply_rope` leaves its input unchanged.
     """
@@ -250,7 +266,7 @@ def rope_cos_sin(rope: Rope | None, positions: Tensor, *, head_dim: int) -> tupl
     if rope.rotary_dim > head_dim:
         raise VpdError(f"The rotary width {rope.rotary_dim} exceeds the head width {head_dim}.")
     angles = positions[:, None] * rope.inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
+    angles = angles.repeat_interleave(2, dim=-1) if rope.interleaved else torch.cat((angles, angles), dim=-1)
     return angles.cos() * rope.scaling, angles.sin() * rope.scaling
 
 

@@ -25,7 +25,16 @@ from torch import Tensor
 
 from attrgraph.labels import component_key
 from attrgraph.nodes import module_short_name, resolve_component
-from attrgraph.qk import apply_rope, attention_layout, attention_pattern, rope_cos_sin, rope_of, split_heads
+from attrgraph.qk import (
+    apply_rope,
+    attention_layout,
+    attention_pattern,
+    qk_blocks,
+    qk_unavailable,
+    rope_cos_sin,
+    rope_of,
+    split_heads,
+)
 from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
 from decomposer.vpd.run import Decomposition
@@ -60,13 +69,8 @@ def resolve_component_key(d: Decomposition, key: str, *, argument: str = "key") 
 
 
 def qk_layers(d: Decomposition) -> list[int]:
-    """Blocks whose q_proj and k_proj are both decomposed."""
-    found: dict[str, set[int]] = {"q": set(), "k": set()}
-    for path in d.module_paths:
-        block, part, short = module_short_name(path)
-        if part == "attn" and short in found:
-            found[short].add(block)
-    return sorted(found["q"] & found["k"])
+    """Blocks whose q and k projections (or fused qkv) are both decomposed and whose scores are bilinear in them."""
+    return [] if qk_unavailable(d) is not None else sorted(qk_blocks(d))
 
 
 # --- firing statistics ----------------------------------------------------------------------------
@@ -174,21 +178,23 @@ def static_strength(
     lay = attention_layout(d, layer)
     dh = lay.d_head
 
-    def scaled(path: str) -> Tensor:
+    def scaled(path: str, cols: Tensor | None) -> Tensor:
         comp = d.model.components(path)
         V, U = comp.V.detach().double().cpu(), comp.U.detach().double().cpu()
+        U = U if cols is None else U[:, cols]  # this side's heads of a fused qkv matrix
         sigma = signs[path].double().cpu() if signs is not None else torch.ones(comp.C, dtype=torch.float64)
         return split_heads(U * (sigma * V.norm(dim=0))[:, None], dh)  # (C, n_heads, d_head)
 
-    q = scaled(lay.q_path)  # (C_Q, H, d)
-    k = scaled(lay.k_path)[:, lay.kv_index]  # (C_K, H, d)
+    q = scaled(lay.q_path, lay.q_cols)  # (C_Q, H, d)
+    k = scaled(lay.k_path, lay.k_cols)[:, lay.kv_index]  # (C_K, H, d)
     rope = rope_of(d)
     offsets = torch.arange(max_offset + 1)
     # (R_t a)·(R_{t−τ} b) = (R_τ a)·(R_0 b): rotate q by τ, and let R_0 apply the rope scaling to k's rotary dims.
     cos, sin = rope_cos_sin(rope, offsets, head_dim=dh)
     cos0, sin0 = rope_cos_sin(rope, torch.zeros(1), head_dim=dh)
-    q_rot = apply_rope(q[None], cos[:, None, None], sin[:, None, None])  # (n_τ, C_Q, H, d)
-    k0 = apply_rope(k, cos0, sin0)
+    pairs = {"interleaved": rope is not None and rope.interleaved}
+    q_rot = apply_rope(q[None], cos[:, None, None], sin[:, None, None], **pairs)  # (n_τ, C_Q, H, d)
+    k0 = apply_rope(k, cos0, sin0, **pairs)
     S = torch.einsum("tchd,ehd->htce", q_rot, k0)
     flat = S.flatten(1)
     mean, std = flat.mean(1), flat.std(1, correction=0).clamp(min=1e-30)

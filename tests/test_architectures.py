@@ -345,6 +345,29 @@ def test_qk_scores_follow_the_position_scheme(family):
         assert torch.allclose(q[0].abs(), q[4].abs()) and torch.allclose(k[0].abs(), k[3].abs())
 
 
+def test_static_strengths_agree_with_the_prompts_pairs(family):
+    """`vpd qk`'s static S(c, c′, τ, h) is the prompt's DD with the activations divided out, for every scheme."""
+    from circuits.qk import qk_layers, static_strength
+
+    name, d, tokens, _ = family
+    assert qk_layers(d) == ([] if name in QK_NORM else [0, 1])
+    if name in QK_NORM:
+        return
+    t, tau = T - 1, 2
+    terms = score_terms(d, tokens, 1)
+    lay = terms.layout
+    S = static_strength(d, 1, max_offset=tau).S[:, tau]  # (H, C_Q, C_K)
+    with torch.no_grad():
+        _, xs = d.model.forward_with_inputs(tokens)
+    q, k = d.model.components(lay.q_path), d.model.components(lay.k_path)
+    a_q = xs[lay.q_path][0, t].double() @ q.V.double() / q.V.double().norm(dim=0)  # a / ‖v‖
+    a_k = xs[lay.k_path][0, t - tau].double() @ k.V.double() / k.V.double().norm(dim=0)
+    expected = S * a_q[None, :, None] * a_k[None, None, :]
+    dd = score_decomposition(terms, t, t - tau)["comp·comp"]
+    assert dd.abs().max() > 1e-3
+    torch.testing.assert_close(dd, expected, rtol=1e-6, atol=1e-9)
+
+
 def _o_graph(att: Attribution) -> nx.DiGraph:
     """The o nodes of an attribution as a graph, with the attributes `qk_pairs_for_o` reads."""
     G = nx.DiGraph()
