@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import math
 import re
 from html.parser import HTMLParser
 
@@ -357,3 +358,13 @@ def test_static_figure_labels_never_overlap():
     assert 3 <= len(boxes) < 30
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     assert ax.texts[0].get_text() == "writes token number 0"  # the most influential first, key prefix dropped
+
+
+def test_explorer_first_view_draws_at_most_the_strongest_edges(graph, monkeypatch):
+    import attrgraph.explorer.payload as payload
+
+    assert explorer_payload(graph)["edge_threshold"] == 1.0
+    monkeypatch.setattr(payload, "MAX_DRAWN_EDGES", 3)
+    strengths = sorted((abs(w) for _, _, w in graph.edges(data="weight")), reverse=True)
+    share = sum(strengths[:3]) / sum(strengths)  # 1.5 + 0.9 + 0.7 of 5.6
+    assert explorer_payload(graph)["edge_threshold"] == math.floor(100 * share) / 100 == 0.55

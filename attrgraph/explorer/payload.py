@@ -21,6 +21,7 @@ PAYLOAD_VERSION = 1
 ROW_HEIGHT = 64.0  # graph units between row centres
 NODE_GAP = 20.0  # graph units between neighbours in one cell
 MIN_COLUMN = 96.0  # a column never narrower than this, so a token fits under it
+MAX_DRAWN_EDGES = 2000  # edges the first view draws at most
 
 # Matrix order inside a block, bottom to top, as the residual stream meets them.
 SUBLAYER_ORDER = {"q": 0, "k": 1, "v": 2, "qkv": 3, "o": 4, "gate": 5, "up": 6, "down": 7}
@@ -215,6 +216,12 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
                 }
             )
     graph_attrs = _json_native(dict(G.graph))
+    # A few thousand edges read as a hairball: the first view draws the strongest MAX_DRAWN_EDGES and
+    # the edge slider starts at their share of the total |weight|.
+    strengths = sorted((abs(e[2]) for e in edges), reverse=True)
+    edge_threshold = 1.0
+    if len(strengths) > MAX_DRAWN_EDGES and sum(strengths) > 0:
+        edge_threshold = math.floor(100 * sum(strengths[:MAX_DRAWN_EDGES]) / sum(strengths)) / 100
     return {
         "version": PAYLOAD_VERSION,
         "title": title,
@@ -226,6 +233,7 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
         "nodes": nodes,
         "edges": edges,
         "qk": qk,
+        "edge_threshold": edge_threshold,
         "cards": cards,
         "report": graph_attrs.get("report") or {},
         "target_token": graph_attrs.get("target_token"),

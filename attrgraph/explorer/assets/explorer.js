@@ -73,7 +73,7 @@
 
   var BUCKETS = [[0.08, 0.6], [0.25, 1.0], [0.5, 1.8], [0.8, 3.0]];
   function bucketOf(w) { var f = Math.abs(w) / maxW; return f < 0.1 ? 0 : f < 0.3 ? 1 : f < 0.6 ? 2 : 3; }
-  var state = {sel: null, pins: [], groups: [], nt: 1, et: 1};
+  var state = {sel: null, pins: [], groups: [], nt: 1, et: D.edge_threshold};
   var nodeOn = new Uint8Array(N.length), edgeOn = new Uint8Array(E.length);
   var visEdges = [], byBucket = [];
 
@@ -231,7 +231,7 @@
   function drawLabels(ctx, s, W, H) {
     ctx.font = "11px system-ui, sans-serif";
     ctx.textBaseline = "middle";
-    var placed = [], budget = 80;
+    var placed = [], budget = 40;
     var first = [];
     if (state.sel !== null) { first.push(indexOf[state.sel]); }
     state.pins.forEach(function (id) { first.push(indexOf[id]); });
