@@ -63,5 +63,6 @@ def trace_layer_pairs(d: Decomposition, n_tokens: int = 2) -> dict[str, set[str]
         return {name for name, g in zip(names, grads, strict=True) if g is not None and bool(g.ne(0).any())}
 
     pairs = {path: sources(rec.acts[path][0, -1, 0]) for path in d.module_paths}
-    pairs[LOGIT] = sources(logits[0, -1, 0])
+    # The largest logit, not token 0: a padding token's tied embedding row is zero, so its logit reads nothing.
+    pairs[LOGIT] = sources(logits[0, -1, int(logits[0, -1].detach().abs().argmax())])
     return pairs

@@ -368,6 +368,26 @@ def test_static_strengths_agree_with_the_prompts_pairs(family):
     torch.testing.assert_close(dd, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_traced_layer_pairs_follow_the_blocks(family):
+    """Which layers feed which (attrgraph.pairs): v → o inside a block, MLP in → out, the last writers → logits."""
+    from attrgraph.pairs import EMB, LOGIT, trace_layer_pairs
+
+    name, d, _, _ = family
+    with _float64_throughout():
+        pairs = trace_layer_pairs(d, n_tokens=3)
+    by_role = {(module_short_name(p)[0], module_short_name(p)[2]): p for p in d.module_paths}
+    fused = FAMILIES[name][3][2]
+    for block in (0, 1):
+        assert by_role[(block, "qkv" if fused else "v")] in pairs[by_role[(block, "o")]]
+        mlp_in = next(by_role[(block, r)] for r in ("up", "gate_up") if (block, r) in by_role)
+        assert mlp_in in pairs[by_role[(block, "down")]]
+    assert EMB in pairs[by_role[(0, "qkv" if fused else "q")]]
+    assert by_role[(1, "down")] in pairs[LOGIT] and by_role[(1, "o")] in pairs[LOGIT]
+    # Nothing reads a later block: block 0's matrices never depend on block 1.
+    assert not any(module_short_name(s)[0] == 1 for p, srcs in pairs.items() if p != LOGIT for s in srcs
+                   if s != EMB and not s.startswith("delta/") and module_short_name(p)[0] == 0)  # fmt: skip
+
+
 def _o_graph(att: Attribution) -> nx.DiGraph:
     """The o nodes of an attribution as a graph, with the attributes `qk_pairs_for_o` reads."""
     G = nx.DiGraph()
