@@ -439,45 +439,115 @@ class _Graph:
         return act, ci
 
 
-def _target_sum(d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor, chunk: Tensor) -> Tensor:
-    """Σ_k of target node chunk[k] read from copy k: a_c = x[t] · v_c for comp targets, the raw logit for logits.
+def _target_sum(
+    d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor, chunk: Tensor, copy: Tensor
+) -> Tensor:
+    """Σ of target node chunk[i] read from copy copy[i]: a_c = x[t] · v_c for comp targets, the raw logit for logits.
 
     Reading a_c from the module input costs O(d_in) in the backward, where indexing the (B, T, C) product
     a = xV would cost a full (B, T, C) × (C, d_in) matmul per backward.
     """
-    ks = torch.arange(len(chunk), device=chunk.device)
     module, pos, index = graph.module[chunk], graph.pos[chunk], graph.index[chunk]
     is_logit = graph.kind[chunk] == KINDS.index("logit")
     total = logits.new_zeros(())
     if bool(is_logit.any()):
-        total = total + logits[ks[is_logit], -1, index[is_logit]].sum()  # logit targets all sit at t*, the last
+        total = total + logits[copy[is_logit], -1, index[is_logit]].sum()  # logit targets all sit at t*, the last
     for j in module[~is_logit].unique().tolist():
         sel = (module == j) & ~is_logit
         p = graph.paths[j]
         V = d.model.components(p).V.detach()
-        total = total + (rec.inputs[p][ks[sel], pos[sel]] * V[:, index[sel]].T).sum()
+        total = total + (rec.inputs[p][copy[sel], pos[sel]] * V[:, index[sel]].T).sum()
     return total
+
+
+_ATTN_IN = ("q", "k", "v", "qkv")
+
+
+def _slot_groups(d: Decomposition, graph: _Graph) -> tuple[Tensor, Tensor, int] | None:
+    """(slot key of each node as a target, as a source, number of keys), or None where packing is unsafe.
+
+    Under the direct-effect cut a target reaches few leaves: one that reads the residual stream or an MLP's
+    hidden layer at position t (q, k, v, gate, up, down, logits) reaches only leaves at t; an attention output
+    target (o) of block b reaches only block b's q/k/v leaves (any position). So one copy of the prompt can
+    carry one target per position plus one o target per block, and each source's gradient belongs to the
+    target of its slot: key = t for the first kind, T + b for the second. This holds when every block's
+    attention has its input and output matrices decomposed (nothing else carries a gradient across
+    positions); otherwise None, and each copy carries one target.
+    """
+    from attrgraph.nodes import module_short_name
+
+    try:
+        roles = [module_short_name(p) for p in graph.paths]
+    except VpdError:
+        return None
+    n_layers = getattr(d.model.target.config, "num_hidden_layers", None)
+    blocks = {b for b, _, _ in roles}
+    if n_layers is None or blocks != set(range(n_layers)):
+        return None
+    for b in blocks:
+        attn = {short for bb, part, short in roles if bb == b and part == "attn"}
+        if "o" not in attn or not ({"q", "k", "v"} <= attn or "qkv" in attn):
+            return None
+    device = graph.kind.device
+    block = torch.tensor([b for b, _, _ in roles] + [-1], device=device)[graph.module]  # module -1 → -1
+    is_o = torch.tensor([short == "o" for *_, short in roles] + [False], device=device)[graph.module]
+    is_in = torch.tensor([short in _ATTN_IN for *_, short in roles] + [False], device=device)[graph.module]
+    target_key = torch.where(is_o & (graph.kind == KINDS.index("comp")), graph.T + block, graph.pos)
+    source_key = torch.where(is_in, graph.T + block, graph.pos)
+    return target_key, source_key, graph.T + n_layers
 
 
 class _Rows:
     """Backward passes that fill rows of A for chosen target nodes, kept as COO pieces."""
 
-    def __init__(self, d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor):
+    def __init__(self, d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor, pack: bool):
         self.d, self.graph, self.rec, self.logits = d, graph, rec, logits
+        self.K = logits.shape[0]
         self.leaves = rec.leaves()
+        self.keys = _slot_groups(d, graph) if pack else None
         self.pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.backwards = 0
 
-    def run(self, chunk: Tensor) -> None:
-        """Compute the rows of the target nodes in `chunk` (at most the forward's batch of copies)."""
+    def run(self, targets: Tensor, progress: Any = None) -> None:
+        """Compute the rows of the target nodes `targets`, packing them into as few backward passes as possible."""
+        if self.keys is None:
+            for chunk in targets.split(self.K):
+                self._backward(chunk, torch.arange(len(chunk), device=chunk.device), None)
+                if progress is not None:
+                    progress.update(len(chunk))
+            return
+        # Rank each target among those of its slot key; rank r goes to copy r % K of backward r // K.
+        key = self.keys[0][targets]
+        order = torch.sort(key, stable=True).indices
+        targets, key = targets[order], key[order]
+        first = torch.searchsorted(key, key, side="left")
+        rank = torch.arange(len(key), device=key.device) - first
+        for b in range(int(rank.max()) // self.K + 1 if len(rank) else 0):
+            sel = (rank // self.K) == b
+            self._backward(targets[sel], rank[sel] % self.K, key[sel])
+            if progress is not None:
+                progress.update(int(sel.sum()))
+
+    def _backward(self, chunk: Tensor, copy: Tensor, key: Tensor | None) -> None:
         grads = torch.autograd.grad(
-            _target_sum(self.d, self.graph, self.rec, self.logits, chunk), self.leaves, allow_unused=True,
+            _target_sum(self.d, self.graph, self.rec, self.logits, chunk, copy), self.leaves, allow_unused=True,
             retain_graph=True,
         )  # fmt: skip
-        rows = self.logits.new_zeros(len(chunk), self.graph.n).detach()
-        # Copy k carries target k; copies share no computation, so the sum separates in the gradient.
+        self.backwards += 1
+        n_copies = int(copy.max()) + 1
+        rows = self.logits.new_zeros(n_copies, self.graph.n).detach()
+        # Copies share no computation, so the sum separates in the gradient: row k holds copy k's targets.
         self.graph.source_rows(self.rec, grads, rows)
         k, s = rows.nonzero(as_tuple=True)
-        self.pieces.append((chunk[k], s, rows[k, s]))
+        if key is None:
+            target = chunk[k]
+        else:
+            slots = torch.full((n_copies, self.keys[2]), -1, dtype=torch.long, device=k.device)
+            slots[copy, key] = chunk
+            target = slots[k, self.keys[1][s]]
+            if bool((target < 0).any()):  # a gradient outside every slot: the packing assumption failed
+                raise RuntimeError("an edge reached a source outside its target's slot; packing is unsafe here")
+        self.pieces.append((target, s, rows[k, s]))
 
     def coo(self) -> tuple[Tensor, Tensor, Tensor]:
         if not self.pieces:
@@ -500,8 +570,7 @@ def _choose_and_run(rows: _Rows, graph: _Graph, logit_w: Tensor, K: int, budget:
 
     from attrgraph.prune import coo_normalized_abs, coo_series
 
-    for chunk in graph.logit_nodes().split(K):
-        rows.run(chunk)
+    rows.run(graph.logit_nodes())
     is_comp = graph.kind == KINDS.index("comp")
     visited = torch.zeros(graph.n, dtype=torch.bool, device=is_comp.device)
     done = 0
@@ -512,9 +581,7 @@ def _choose_and_run(rows: _Rows, graph: _Graph, logit_w: Tensor, K: int, budget:
             estimate[~is_comp | visited] = -1.0
             size = min(max(4 * K, done // 2), budget - done)
             queue = estimate.topk(size).indices
-            for chunk in queue.split(K):
-                rows.run(chunk)
-                bar.update(len(chunk))
+            rows.run(queue, bar)
             visited[queue] = True
             done += size
     return visited
@@ -576,13 +643,12 @@ def attribute_edges(
         logit_probs = probs if probs is not None else logits[0, -1].detach().double().softmax(-1)
     token_probs = logit_probs.detach().double()[logit_tokens].cpu()
     graph.bind(rec, weight_by_source_ci)
-    rows = _Rows(d, graph, rec, logits)
+    rows = _Rows(d, graph, rec, logits, pack=_batched)
     if max_nodes is None or max_nodes >= len(comp_nodes):
-        order = torch.cat([comp_nodes, graph.logit_nodes()])
         from tqdm.auto import tqdm
 
-        for chunk in tqdm(order.split(K), desc="edges", disable=not progress):
-            rows.run(chunk)
+        with tqdm(total=n_targets, desc="edges", disable=not progress) as bar:
+            rows.run(torch.cat([comp_nodes, graph.logit_nodes()]), bar)
         kept = torch.ones(graph.n, dtype=torch.bool, device=comp_nodes.device)
     else:
         w = torch.zeros(graph.n, dtype=torch.float64, device=comp_nodes.device)

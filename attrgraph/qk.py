@@ -583,6 +583,22 @@ def _head_share(z: Tensor, v_o: Tensor, d_head: int) -> Tensor:
     return per_head / total if total > 0 else torch.full_like(per_head, 1.0 / per_head.numel())
 
 
+def _top_dd(q_t: Tensor, k: Tensor, top: int, chunk: int = 16) -> tuple[Tensor, Tensor, int]:
+    """Per (head, key position), the `top` DD(c, c′) of largest |DD| and their flat indices c · C_K + c′.
+
+    q_t: (H, C_Q, d) at the query position; k: (t+1, H, C_K, d). Head share and attention scale a whole
+    (head, key position) slice by one non-negative factor, so the strongest pairs of any o node at this
+    position are among these; key positions go in chunks so the (H, chunk, C_Q, C_K) DD stays small.
+    """
+    values, indices = [], []
+    for start in range(0, k.shape[0], chunk):
+        dd = torch.einsum("hcd,shed->hsce", q_t, k[start : start + chunk]).flatten(2)  # (H, s, C_Q · C_K)
+        idx = dd.abs().topk(min(top, dd.shape[-1]), dim=-1).indices
+        values.append(dd.gather(-1, idx))
+        indices.append(idx)
+    return torch.cat(values, 1), torch.cat(indices, 1), k.shape[2]
+
+
 def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -> list[dict[str, Any]]:
     """For every o-subcomponent node of `G`, the q/k subcomponent pairs that most shape the attention it reads.
 
@@ -630,16 +646,17 @@ def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -
             if a["module"] != lay.o_path:
                 raise VpdError(f"o node {n!r} is not on the decomposed o_proj of block {layer}.")
             t = int(a["pos"])
-            if t != dd_pos:  # nodes come sorted by position, so one position's DD is held at a time
-                k = terms.k_comp[: t + 1][:, lay.kv_index]  # (t+1, H, C_K, d)
-                dd, dd_pos = torch.einsum("hcd,shed->hsce", terms.q_comp[t], k), t  # (H, t+1, C_Q, C_K)
+            if t != dd_pos:  # nodes come sorted by position, so one position's candidates are held at a time
+                dd, dd_idx, n_k = _top_dd(terms.q_comp[t], terms.k_comp[: t + 1][:, lay.kv_index], top)
+                dd_pos = t
             v_o = d.model.components(lay.o_path).V[:, int(a["index"])].detach().double().cpu()
             share = _head_share(terms.x_o[t], v_o, lay.d_head)
-            weighted = share[:, None, None, None] * A[:, t, : t + 1, None, None] * dd
+            weighted = share[:, None, None] * A[:, t, : t + 1, None] * dd  # (H, t+1, top)
             flat = weighted.flatten().abs().topk(min(top, weighted.numel())).indices
             rows = []
             for rank, idx in enumerate(zip(*torch.unravel_index(flat, weighted.shape), strict=True)):
-                h, s, c, c_k = (int(i) for i in idx)
+                h, s, j = (int(i) for i in idx)
+                c, c_k = divmod(int(dd_idx[h, s, j]), n_k)
                 q_node, k_node = NodeId.comp(lay.q_path, c, t), NodeId.comp(lay.k_path, c_k, s)
                 rows.append({
                     "o_node": n,
@@ -653,10 +670,10 @@ def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -
                     "query_pos": t,
                     "key_pos": s,
                     "head": h,
-                    "dd": float(dd[h, s, c, c_k]),
+                    "dd": float(dd[h, s, j]),
                     "attention": float(A[h, t, s]),
                     "head_share": float(share[h]),
-                    "strength": float(weighted[h, s, c, c_k]),
+                    "strength": float(weighted[h, s, j]),
                     "rank": rank,
                 })  # fmt: skip
             found[n] = rows

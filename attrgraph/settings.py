@@ -82,5 +82,10 @@ def graph_settings(base: GraphSettings | None = None, **values: object) -> Graph
     except ValidationError as err:
         first = err.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "settings"
-        hint = " Pass a positive integer such as 7500, or None for no budget." if name == "max_nodes" else ""
-        raise VpdError(f"`{name}` {first['msg'].lower()} (got {first.get('input')!r}).{hint}") from None
+        if name in ("max_nodes", "batch_size"):
+            none = " (or none for no budget)" if name == "max_nodes" else ""
+            raise VpdError(
+                f"`{name}` must be a positive integer{none}; got {first.get('input')!r}. Pass e.g. "
+                f"{DEFAULT_MAX_NODES if name == 'max_nodes' else 32}."
+            ) from None
+        raise VpdError(f"`{name}`: {first['msg'].lower()} (got {first.get('input')!r}).") from None
