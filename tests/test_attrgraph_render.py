@@ -368,3 +368,18 @@ def test_explorer_first_view_draws_at_most_the_strongest_edges(graph, monkeypatc
     strengths = sorted((abs(w) for _, _, w in graph.edges(data="weight")), reverse=True)
     share = sum(strengths[:3]) / sum(strengths)  # 1.5 + 0.9 + 0.7 of 5.6
     assert explorer_payload(graph)["edge_threshold"] == math.floor(100 * share) / 100 == 0.55
+
+
+def test_explorer_cards_from_a_harvest_folder(graph, tmp_path):
+    """A folder's harvest.json: example token ids decode through its vocabulary."""
+    summary = {
+        "density": 0.5,
+        "input_pmi": [{"id": 2, "token": "b"}],
+        "top_examples": [{"tokens": [0, 2], "center": 1}],
+    }
+    meta = {"format": "harvest", "format_version": 1, "vocab": ["a", NASTY, "b"], "components": {"0.attn.o:3": summary}}
+    (tmp_path / "harvest.json").write_text(json.dumps(meta))
+    card = explorer_payload(graph, harvest=tmp_path)["cards"]["0.attn.o:3"]
+    assert card["inputs"] == ["b"] and card["examples"] == [{"text": ["a", "b"], "center": 1, "ci": None}]
+    with pytest.raises(VpdError, match=r"holds no harvest.json; run `vpd harvest"):
+        render_html(graph, tmp_path / "g.html", harvest=tmp_path / "nothing")

@@ -112,8 +112,8 @@ def _qk_table(G: nx.DiGraph) -> tuple[str, str]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for pair in G.graph.get("qk_pairs", []) or []:
         groups[str(pair.get("o_node", ""))].append(pair)
-    if not groups:
-        return "<p>none</p>", ""
+    if not groups:  # `qk_note` says why a decomposition has no q/k pairs (attrgraph.qk.qk_unavailable)
+        return f"<p>{_esc(G.graph.get('qk_note') or 'none')}</p>", ""
     header = "".join(f"<th>{name}</th>" for name, _ in _QK_COLUMNS)
     bodies = []
     for o_node, pairs in groups.items():
@@ -175,8 +175,8 @@ def render_html(
         path: The .html file to write, atomically.
         title: The page title; defaults to one naming the target token.
         harvest: Optional statistics for the hover cards (density, top input and output tokens and
-            activating examples): a mapping of component key → harvest summary, or a
-            `circuits.harvest_stats.Harvest`.
+            activating examples): a run or harvest folder holding `harvest.json`, a mapping of
+            component key → harvest summary, or a `circuits.harvest_stats.Harvest`.
         max_nodes: Refuse larger graphs.
         max_edges: Refuse graphs with more edges than this.
 
@@ -184,7 +184,8 @@ def render_html(
         The path written.
 
     Raises:
-        VpdError: If `G` exceeds `max_nodes` or `max_edges`, or a node lacks kind/pos.
+        VpdError: If `G` exceeds `max_nodes` or `max_edges`, a node lacks kind/pos, or `harvest` is a
+            folder without a harvest.
     """
     check_limit(G.number_of_nodes(), max_nodes, "nodes", "max_nodes", "HTML")
     check_limit(G.number_of_edges(), max_edges, "edges", "max_edges", "HTML")

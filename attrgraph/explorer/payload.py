@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from attrgraph.labels import component_key
+from attrgraph.labels import component_key, harvest_meta_path, read_harvest_meta
 from decomposer.errors import VpdError
 
 PAYLOAD_VERSION = 1
@@ -93,8 +94,13 @@ def _rank(a: Mapping[str, Any], influence: float) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def _card(summary: Mapping[str, Any], n_tokens: int = 5, n_examples: int = 3) -> dict[str, Any]:
-    """The parts of a harvest summary a hover card shows."""
+def _card(
+    summary: Mapping[str, Any], vocab: list[str] | None = None, n_tokens: int = 5, n_examples: int = 3
+) -> dict[str, Any]:
+    """The parts of a harvest summary a hover card shows; example token ids decode through `vocab`."""
+
+    def decode(t: Any) -> str:
+        return vocab[t] if vocab and isinstance(t, int) and 0 <= t < len(vocab) else f"#{t}"
 
     def tokens(key: str) -> list[str]:
         return [
@@ -103,7 +109,7 @@ def _card(summary: Mapping[str, Any], n_tokens: int = 5, n_examples: int = 3) ->
 
     examples = []
     for e in (summary.get("top_examples") or [])[:n_examples]:
-        text = e.get("text") or [f"#{t}" for t in e.get("tokens", [])]
+        text = e.get("text") or [decode(t) for t in e.get("tokens", [])]
         examples.append({"text": [str(t) for t in text], "center": int(e.get("center", 0)), "ci": e.get("ci")})
     return {
         "density": summary.get("density"),
@@ -112,6 +118,21 @@ def _card(summary: Mapping[str, Any], n_tokens: int = 5, n_examples: int = 3) ->
         "examples": examples,
         "label": summary.get("label") or "",
     }
+
+
+def _harvest_source(harvest: Any) -> tuple[Any, list[str] | None]:
+    """(summaries, vocab) from a mapping, a `Harvest`, or a run or harvest folder's `harvest.json`."""
+    if not isinstance(harvest, str | Path):
+        return harvest, None
+    path = harvest_meta_path(harvest)
+    if path is None:
+        raise VpdError(
+            f"`harvest` {str(harvest)!r} holds no harvest.json; run `vpd harvest --run RUN` first, or pass a "
+            "mapping of component key → summary."
+        )
+    meta = read_harvest_meta(path)
+    vocab = meta.get("vocab")
+    return meta.get("components", {}), [str(v) for v in vocab] if isinstance(vocab, list) else None
 
 
 def _summary_of(harvest: Any, key: str) -> Mapping[str, Any] | None:
@@ -130,13 +151,15 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
 
     Args:
         G: A pruned attribution graph (see `attrgraph.export`); it is not modified.
-        harvest: Optional per-subcomponent statistics for hover cards: a mapping of component key →
-            harvest summary (as in `harvest.json`), or a `circuits.harvest_stats.Harvest`.
+        harvest: Optional per-subcomponent statistics for hover cards: a run or harvest folder
+            (its `harvest.json`), a mapping of component key → harvest summary, or a
+            `circuits.harvest_stats.Harvest`.
         title: The page title.
 
     Raises:
         VpdError: If a node lacks `kind` or `pos`, or the graph has a cycle.
     """
+    harvest, vocab = _harvest_source(harvest)
     for n, a in G.nodes(data=True):
         for name in ("kind", "pos"):
             if name not in a:
@@ -181,7 +204,7 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
             key = component_key(str(a["module"]), int(a["index"]))
             summary = _summary_of(harvest, key)
             if summary is not None and key not in cards:
-                cards[key] = _card(summary)
+                cards[key] = _card(summary, vocab)
         r = row_index[row_key[n]]
         nodes.append(
             {
