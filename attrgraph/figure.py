@@ -16,7 +16,7 @@ from typing import Any
 import networkx as nx
 
 from attrgraph.explorer.page import check_limit
-from attrgraph.explorer.payload import explorer_payload
+from attrgraph.explorer.payload import MIN_COLUMN, explorer_payload
 from decomposer.io import atomic_write_bytes
 
 # (colour, marker) per matrix or node kind; the explorer uses the same colours.
@@ -49,7 +49,7 @@ def _style_key(node: dict[str, Any]) -> str:
     return node["kind"] if node["kind"] in _STYLE else "other"
 
 
-def _short_label(node: dict[str, Any], limit: int = 30) -> str:
+def _short_label(node: dict[str, Any], limit: int = 44) -> str:
     label = str(node["attrs"].get("label") or "")
     if node["kind"] == "logit":
         token, prob = node["attrs"].get("logit_token"), node["attrs"].get("prob")
@@ -98,14 +98,15 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
     from matplotlib.lines import Line2D
 
     data = explorer_payload(G)
-    col = data["column"]
+    columns = [(left / MIN_COLUMN, width / MIN_COLUMN) for left, width in data["columns"]]  # in narrow columns
+    total = data["width"] / MIN_COLUMN
     n_rows, n_cols = len(data["rows"]), data["n_cols"]
     nodes = data["nodes"]
     # Column units: 1 per token; row units: 1 per named row, embeddings at 0.
     for n in nodes:
-        n["cx"], n["cy"] = n["x"] / col, n["row"]
-    per_col = max(1.1, 0.22 * col / 20)  # inches per column grows with the busiest cell
-    fig = Figure(figsize=(min(2.2 + per_col * n_cols, 30), min(1.6 + 0.42 * n_rows, 24)), dpi=150)
+        n["cx"], n["cy"] = n["x"] / MIN_COLUMN, n["row"]
+    # 0.9 inch per narrow column: a busy column is as much wider as it holds more nodes side by side.
+    fig = Figure(figsize=(min(2.6 + 0.9 * total, 30), min(1.6 + 0.42 * n_rows, 24)), dpi=150)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -117,8 +118,8 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
             block, shade = b, not shade
         if shade:
             ax.axhspan(r - 0.5, r + 0.5, color="#f3f4f6", zorder=0, lw=0)
-    for c in range(n_cols + 1):
-        ax.axvline(c, color="#e5e7eb", lw=0.6, zorder=0)
+    for left, _ in columns:
+        ax.axvline(left, color="#e5e7eb", lw=0.6, zorder=0)
 
     top = max((abs(e[2]) for e in data["edges"]), default=0.0) or 1.0
     order = sorted(data["edges"], key=lambda e: abs(e[2]))  # strongest drawn last, on top
@@ -148,7 +149,7 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
 
     ax.set_yticks(range(n_rows))
     ax.set_yticklabels(data["rows"], fontsize=8)
-    ax.set_xticks([c + 0.5 for c in range(n_cols)])
+    ax.set_xticks([left + width / 2 for left, width in columns])
     tokens = data["tokens"]
     ax.set_xticklabels(
         [f"{show_token(tokens[c]) if c < len(tokens) else ''}\n{c}" for c in range(n_cols)],
@@ -157,7 +158,7 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
     )
     for label in ax.get_xticklabels() + ax.get_yticklabels():
         label.set_parse_math(False) if hasattr(label, "set_parse_math") else None
-    ax.set_xlim(0, n_cols)
+    ax.set_xlim(0, total)
     ax.set_ylim(-0.6, n_rows - 0.4)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)

@@ -276,17 +276,24 @@ def test_render_html_refuses_large_graphs(graph, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_explorer_columns_fit_the_busiest_cell(graph):
+def test_explorer_columns_fit_their_busiest_cell(graph):
     narrow = explorer_payload(graph)
-    assert narrow["column"] == MIN_COLUMN and narrow["n_cols"] == 4
+    assert narrow["columns"] == [[i * MIN_COLUMN, MIN_COLUMN] for i in range(4)] and narrow["n_cols"] == 4
     for c in range(20, 40):  # 20 more up nodes in one cell
         node, attrs = _comp(UP, "up", c, 2, 3, ci=0.5)
         graph.add_node(node, **{**attrs, "influence": 0.001 * c})
     wide = explorer_payload(graph)
-    assert wide["column"] == 21 * NODE_GAP + NODE_GAP
+    busy = 21 * NODE_GAP + NODE_GAP
+    assert wide["columns"] == [
+        [0, MIN_COLUMN],
+        [MIN_COLUMN, MIN_COLUMN],
+        [2 * MIN_COLUMN, busy],
+        [2 * MIN_COLUMN + busy, MIN_COLUMN],
+    ]
+    assert wide["width"] == 3 * MIN_COLUMN + busy
     cell = sorted((n for n in wide["nodes"] if n["attrs"]["sublayer"] == "up"), key=lambda n: n["x"])
     assert [n["inf"] for n in cell] == sorted((n["inf"] for n in cell), reverse=True)
-    assert cell[0]["x"] > 2 * wide["column"] and cell[-1]["x"] < 3 * wide["column"]  # inside column 2
+    assert 2 * MIN_COLUMN < cell[0]["x"] and cell[-1]["x"] < 2 * MIN_COLUMN + busy  # inside column 2
 
 
 def test_fallback_influence_sums_every_path_to_the_logits(graph):

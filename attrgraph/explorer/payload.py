@@ -1,7 +1,7 @@
 """The data the graph explorer draws: named rows, token columns, node positions, edges, influence and cards.
 
 Everything here is plain JSON. Rows are named by block and matrix (`L2 mlp down`), embeddings at
-the bottom and logits on top; a column per prompt position, as wide as its busiest cell; inside a
+the bottom and logits on top; a column per prompt position, each as wide as its busiest cell; inside a
 cell the nodes sit left to right by influence (logits by probability).
 """
 
@@ -73,6 +73,15 @@ def fallback_influence(G: nx.DiGraph) -> dict[str, float]:
         influence[u] = infl
         reach[u] = infl + (probs.get(u, 1.0) / total if u in probs else 0.0)
     return influence
+
+
+def _cumulative(values: list[float]) -> list[float]:
+    """Exclusive prefix sums: where each column starts."""
+    out, total = [], 0.0
+    for v in values:
+        out.append(total)
+        total += v
+    return out
 
 
 def _row_of(a: Mapping[str, Any]) -> tuple[tuple, str]:
@@ -183,15 +192,19 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
     cells: dict[tuple[int, int], list[str]] = defaultdict(list)
     for n, a in G.nodes(data=True):
         cells[(int(a["pos"]), row_index[row_key[n]])].append(n)
-    busiest = max((len(m) for m in cells.values()), default=1)
-    column = max(MIN_COLUMN, busiest * NODE_GAP + NODE_GAP)
+    # Each column as wide as its own busiest cell: sparse positions stay narrow, busy ones get room.
+    busiest = [1] * n_cols
+    for (pos, _), members in cells.items():
+        busiest[pos] = max(busiest[pos], len(members))
+    widths = [max(MIN_COLUMN, b * NODE_GAP + NODE_GAP) for b in busiest]
+    lefts = _cumulative(widths)
 
     ids = list(G.nodes)
     index = {n: i for i, n in enumerate(ids)}
     x: dict[str, float] = {}
     for (pos, _), members in cells.items():
         members.sort(key=lambda n: (-_rank(G.nodes[n], influence[n]), n))
-        left = pos * column + column / 2 - (len(members) - 1) * NODE_GAP / 2
+        left = lefts[pos] + widths[pos] / 2 - (len(members) - 1) * NODE_GAP / 2
         for i, n in enumerate(members):
             x[n] = left + i * NODE_GAP
     top = len(row_order) - 1
@@ -250,7 +263,8 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
         "title": title,
         "tokens": tokens,
         "n_cols": n_cols,
-        "column": column,
+        "columns": [[left, width] for left, width in zip(lefts, widths, strict=True)],
+        "width": lefts[-1] + widths[-1],
         "row_height": ROW_HEIGHT,
         "rows": [rows[k] for k in row_order],
         "nodes": nodes,

@@ -5,7 +5,8 @@
 (function () {
   "use strict";
   var D = JSON.parse(document.getElementById("vpd-data").textContent);
-  var N = D.nodes, E = D.edges, RH = D.row_height, COL = D.column;
+  var N = D.nodes, E = D.edges, RH = D.row_height, COLS = D.columns, MINCOL = 96;
+  function colMid(c) { return COLS[c][0] + COLS[c][1] / 2; }
   var COLORS = {q: "#4f46e5", k: "#0891b2", v: "#9333ea", qkv: "#7c3aed", o: "#15803d", gate: "#a16207",
     up: "#ea580c", down: "#be185d"};
   var SHAPES = {q: "triangle", k: "triangleDown", v: "square", qkv: "square", o: "dot", gate: "diamond",
@@ -51,7 +52,7 @@
     var rest = s.replace(/^\S+:\d+(:\d+)?(@\d+)?\s*/, "");
     if (n.kind === "delta") { return "\u0394 " + rowName[n.row]; }
     rest = rest || n.key || s;
-    return rest.length > 34 ? rest.slice(0, 33) + "\u2026" : rest;
+    return rest.length > 48 ? rest.slice(0, 47) + "\u2026" : rest;
   }
 
   // ---- adjacency and pruning ----------------------------------------------------------------
@@ -124,7 +125,7 @@
   var network = new vis.Network(container, {nodes: nodes, edges: new vis.DataSet([])}, options);
   window.network = network;
 
-  var width = D.n_cols * COL;
+  var width = D.width;
   var height = nRows * RH;
   function rowY(r) { return (nRows - 1 - r) * RH; }
 
@@ -138,12 +139,13 @@
       var b = m ? +m[1] : -2 - r;
       if (b !== block) { shade = 1 - shade; block = b; }
       ctx.fillStyle = shade ? "rgba(243,244,246,0.9)" : "rgba(255,255,255,0.9)";
-      ctx.fillRect(-COL / 4, rowY(r) - RH / 2, width + COL / 2, RH);
+      ctx.fillRect(-MINCOL / 4, rowY(r) - RH / 2, width + MINCOL / 2, RH);
     }
     ctx.strokeStyle = "rgba(209,213,219,0.7)";
     ctx.lineWidth = 1 / s;
     ctx.beginPath();
-    for (var c = 0; c <= D.n_cols; c++) { ctx.moveTo(c * COL, -RH / 2); ctx.lineTo(c * COL, height - RH / 2); }
+    for (var c = 0; c < D.n_cols; c++) { ctx.moveTo(COLS[c][0], -RH / 2); ctx.lineTo(COLS[c][0], height - RH / 2); }
+    ctx.moveTo(width, -RH / 2); ctx.lineTo(width, height - RH / 2);
     ctx.stroke();
     drawEdges(ctx, s);
   });
@@ -291,16 +293,17 @@
     ctx.fillRect(0, H - 34, W, 34);
     ctx.strokeStyle = "#d1d5db"; ctx.lineWidth = 1;
     ctx.beginPath(); ctx.moveTo(0, H - 34); ctx.lineTo(W, H - 34); ctx.stroke();
-    var colPx = COL * s;
-    var every = Math.max(1, Math.ceil(30 / colPx));
     ctx.textAlign = "center";
+    var lastRight = -Infinity;
     for (var c = 0; c < D.n_cols; c++) {
-      if (c % every) { continue; }
-      var x = network.canvasToDOM({x: c * COL + COL / 2, y: 0}).x;
-      if (x < -colPx || x > W + colPx) { continue; }
+      var colPx = COLS[c][1] * s;
+      var x = network.canvasToDOM({x: colMid(c), y: 0}).x;
+      if (x < -colPx || x > W + colPx || x - 12 < lastRight) { continue; }
+      ctx.font = "12px ui-monospace, monospace";
       var t = showTok(c < D.tokens.length ? D.tokens[c] : "");
-      var room = colPx * every - 6;
+      var room = Math.max(colPx - 6, 24);
       while (t.length > 1 && ctx.measureText(t).width > room) { t = t.slice(0, -2) + "\u2026"; }
+      lastRight = x + Math.max(ctx.measureText(t).width, 20) / 2;
       ctx.fillStyle = "#6b7280"; ctx.font = "10px system-ui, sans-serif";
       ctx.fillText(String(c), x, H - 25);
       ctx.fillStyle = "#111827"; ctx.font = "12px ui-monospace, monospace";
@@ -344,7 +347,7 @@
     var W = container.clientWidth, Hc = container.clientHeight, H = Hc - 34;
     // Fit the rows to the height, never below a readable row; wide prompts scroll instead of shrinking.
     var fit = Math.min((H - 16) / (height + 4), (W - 110) / (width + 4));
-    var s = Math.min(1.6, Math.max(fit, 0.34, 40 / COL));
+    var s = Math.min(1.6, Math.max(fit, 0.34, 40 / MINCOL));
     var cx = width * s <= W - 100 ? width / 2 - 50 / s : width - (W / 2 - 16) / s;
     var cy = height * s <= H ? (height - RH) / 2 + 17 / s : height - RH / 2 + 34 / s - Hc / 2 / s + 6 / s;
     network.moveTo({position: {x: cx, y: cy}, scale: s, animation: false});
@@ -675,7 +678,7 @@
       o.push('<circle cx="' + n.x + '" cy="' + n.y + '" r="5" fill="' + colorOf(n) + '"><title>' + esc(nodeName(n) + " " + shortLabel(n)) + "</title></circle>");
     });
     for (var c = 0; c < D.n_cols; c++) {
-      o.push('<text x="' + (c * COL + COL / 2) + '" y="' + (height - RH / 2 + 18) + '" text-anchor="middle" font-family="monospace">' +
+      o.push('<text x="' + colMid(c) + '" y="' + (height - RH / 2 + 18) + '" text-anchor="middle" font-family="monospace">' +
         esc(showTok(D.tokens[c] || "")) + "</text>");
     }
     o.push("</g></svg>");
