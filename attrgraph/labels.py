@@ -7,8 +7,7 @@ A label is keyed by either
 - a canonical node id such as `comp/model.layers.1.self_attn.q_proj/31@4`, which labels one node.
 
 `label_for(labels, node)` looks a node up by its id first, then by its component key. The harvest
-files are written by `circuits.harvest` (this package reads them but never imports `circuits`); the
-file names and format version live here so that reader and writer share one definition.
+files are written by `circuits.harvest`; their names and format are defined in `attrgraph.harvest_format`.
 """
 
 from __future__ import annotations
@@ -22,15 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from attrgraph.harvest_format import harvest_meta_path, read_harvest_meta
 from attrgraph.nodes import NodeId, module_short_name
-from decomposer.errors import ArtifactFormatError, VpdError
-from decomposer.io import resolve_atomic_dir
+from decomposer.errors import VpdError
 
-HARVEST_DIR = "harvest"
-HARVEST_META = "harvest.json"
-HARVEST_TENSORS = "harvest.safetensors"
-HARVEST_FORMAT = "harvest"
-HARVEST_FORMAT_VERSION = 1
 RUN_LABELS = "labels.json"  # optional component key → label file in a run folder
 
 # A component key: anything without '/', '@' or ':' (a short module name), then ':' and an index.
@@ -55,35 +49,6 @@ def label_for(labels: Mapping[str, str], node: NodeId | str) -> str | None:
         assert node.module is not None and node.index is not None, f"incomplete comp node {node!r}"
         label = labels.get(component_key(node.module, node.index))
     return label
-
-
-def harvest_meta_path(folder: str | Path) -> Path | None:
-    """`harvest.json` of a run folder (`<folder>/harvest/`) or of a harvest folder itself; None if there is none."""
-    folder = Path(folder)
-    if (folder / HARVEST_META).is_file():
-        return folder / HARVEST_META
-    found = resolve_atomic_dir(folder / HARVEST_DIR)
-    if found is not None and (found / HARVEST_META).is_file():
-        return found / HARVEST_META
-    return None
-
-
-def read_harvest_meta(path: str | Path) -> dict[str, Any]:
-    """The contents of a `harvest.json`, with its format and version checked.
-
-    Raises:
-        ArtifactFormatError: The file is not a harvest, or has a version this release cannot read.
-    """
-    meta = json.loads(Path(path).read_text())
-    if not isinstance(meta, dict) or meta.get("format") != HARVEST_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ArtifactFormatError(f"{path} has format {found!r}, not {HARVEST_FORMAT!r}; pass a harvest folder.")
-    if meta.get("format_version") != HARVEST_FORMAT_VERSION:
-        raise ArtifactFormatError(
-            f"{path} has format_version {meta.get('format_version')!r}, but this release reads version "
-            f"{HARVEST_FORMAT_VERSION}; upgrade the package or run `vpd harvest` again."
-        )
-    return meta
 
 
 def _token_text(entry: Mapping[str, Any]) -> str:

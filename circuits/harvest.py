@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from attrgraph.labels import (
+from attrgraph.harvest_format import (
+    HARVEST_DAMAGED_FIX,
     HARVEST_DIR,
     HARVEST_FORMAT,
     HARVEST_FORMAT_VERSION,
@@ -52,6 +53,7 @@ from attrgraph.labels import (
 from circuits.harvest_accumulate import _Accumulator
 from circuits.harvest_stats import CoFiring, Example, Harvest, TokenStats
 from decomposer.errors import ArtifactFormatError, VpdError
+from decomposer.integrity import check_sha256, load_safetensors, record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_text
 from decomposer.vpd.run import Decomposition
 
@@ -207,6 +209,7 @@ def save_harvest(
             tmp / HARVEST_TENSORS,
             metadata={"format": HARVEST_FORMAT, "format_version": str(HARVEST_FORMAT_VERSION)},
         )
+        meta["files"] = record_sha256(tmp, [HARVEST_TENSORS])
         # Compact separators: with indentation the per-component windows would triple the file.
         atomic_write_text(tmp / HARVEST_META, json.dumps(meta, separators=(",", ":")) + "\n")
 
@@ -219,6 +222,7 @@ def load_harvest(path: str | Path) -> Harvest:
     Raises:
         VpdError: There is no harvest there (run `vpd harvest` first).
         ArtifactFormatError: Its format version is one this release cannot read.
+        DamagedArtifactError: Its tensors file differs from the sha256 recorded when it was written.
     """
     meta_path = harvest_meta_path(path)
     if meta_path is None:
@@ -227,7 +231,8 @@ def load_harvest(path: str | Path) -> Harvest:
     tensor_path = meta_path.parent / HARVEST_TENSORS
     if not tensor_path.is_file():
         raise ArtifactFormatError(f"{meta_path.parent} lacks {HARVEST_TENSORS}; run `vpd harvest` again.")
-    tensors = load_file(tensor_path)
+    check_sha256(meta_path.parent, meta.get("files", {}), fix=HARVEST_DAMAGED_FIX)
+    tensors = load_safetensors(tensor_path, fix=HARVEST_DAMAGED_FIX)
     missing = [name for name in _TENSORS if name not in tensors]
     if missing:
         raise ArtifactFormatError(f"{tensor_path} lacks tensors {', '.join(missing[:5])}; run `vpd harvest` again.")

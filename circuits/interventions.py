@@ -41,6 +41,7 @@ from torch import Tensor
 
 from attrgraph.nodes import NodeId, module_short_name
 from decomposer.errors import VpdError
+from decomposer.vpd.components import as_token_grid, token_shape
 from decomposer.vpd.run import Decomposition
 
 Kind = Literal["zero", "mean", "resample", "scale"]
@@ -272,6 +273,7 @@ class _Positions:
 
     def __init__(self) -> None:
         self.offset: int | None = None
+        self.seen: dict[str, Any] = {"tokens": None}  # (B, T) of the forward, for inputs that arrive flattened
 
     def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.offset = _cache_length(args, kwargs)
@@ -291,7 +293,7 @@ def _make_hook(d: Decomposition, b: _Bound, path: str, state: _Positions) -> Any
     at = torch.tensor([-1 if s.pos is None else s.pos for s in sites], device=comp.V.device)
 
     def hook(module: Any, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = as_token_grid(args[0] if args else next(iter(kwargs.values())), state.seen["tokens"])
         T = x.shape[-2]
         positions = state.of(T, x.device)
         a = x.to(comp.V.dtype) @ comp.V[:, cols]  # (..., T, k)
@@ -306,7 +308,7 @@ def _make_hook(d: Decomposition, b: _Bound, path: str, state: _Positions) -> Any
             idx = _draw_indices(b.seed, rows, positions, b.ref_acts[path].shape[0]).to(x.device)
             new = b.ref_acts[path][:, cols][idx].reshape(a.shape)  # (rows, T, k) from one token per (b, t)
         applies = (at < 0) | (positions[:, None] == at[None, :])  # (T, k)
-        return output + (((new - a) * applies) @ comp.U[cols]).to(output.dtype)
+        return output + (((new - a) * applies) @ comp.U[cols]).to(output.dtype).reshape(output.shape)
 
     return hook
 
@@ -330,17 +332,18 @@ def intervene(
     """
     bound = _bind(d, interventions, seq_len)
     target, state, handles = d.model.target, _Positions(), []
-    try:
-        handles.append(target.register_forward_pre_hook(state.pre, with_kwargs=True))
-        handles.append(target.register_forward_hook(state.post, with_kwargs=True))
-        for b in bound:
-            for path in dict.fromkeys(s.path for s in b.sites):
-                module = target.get_submodule(path)
-                handles.append(module.register_forward_hook(_make_hook(d, b, path, state), with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with token_shape(target) as state.seen:
+        try:
+            handles.append(target.register_forward_pre_hook(state.pre, with_kwargs=True))
+            handles.append(target.register_forward_hook(state.post, with_kwargs=True))
+            for b in bound:
+                for path in dict.fromkeys(s.path for s in b.sites):
+                    module = target.get_submodule(path)
+                    handles.append(module.register_forward_hook(_make_hook(d, b, path, state), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def generate_ids(

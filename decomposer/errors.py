@@ -10,3 +10,7 @@ class VpdError(ValueError):
 
 class ArtifactFormatError(VpdError):
     """An artifact on disk has a format or version this release cannot read."""
+
+
+class DamagedArtifactError(VpdError):
+    """An artifact's file is missing, cut short or changed since it was written."""

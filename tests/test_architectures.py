@@ -235,6 +235,26 @@ def test_all_ones_masks_plus_delta_reproduce_the_logits(family):
     assert not torch.allclose(without, clean, atol=1e-4)  # a random decomposition needs its Δ
 
 
+def test_ablating_a_subcomponent_equals_the_masked_forward(family):
+    """`circuits.intervene` on the MLP-in matrix (OPT's arrives flattened to (B·T, d)) matches the mask."""
+    from circuits.interventions import Intervention, intervene
+
+    _, d, tokens, _ = family
+    path = next(p for p in d.module_paths if module_short_name(p)[2] in ("up", "gate_up"))
+    key = ".".join(map(str, module_short_name(path)))
+    batch = torch.cat([tokens, tokens.flip(-1)])  # two rows, so a (B·T, d) input is not a (T, d) one
+    with _float64_throughout(), torch.no_grad():
+        with intervene(d, Intervention(nodes=(f"{key}:1", f"{key}:2@3"), kind="zero")):
+            ablated = d.model.target(batch).logits
+        mask = torch.ones(2, T, d.Cs[path], dtype=torch.float64)
+        mask[:, :, 1] = 0
+        mask[:, 3, 2] = 0
+        masked = d.model(batch, masks={path: mask}, delta_masks={path: torch.ones(2, T, dtype=torch.float64)}).logits
+        clean = d.model.target(batch).logits
+    torch.testing.assert_close(ablated, masked, rtol=0, atol=1e-10)
+    assert not torch.allclose(ablated, clean, atol=1e-6)
+
+
 def _finite_difference(d: Decomposition, tokens: torch.Tensor, att: Attribution, tgt: int, src: int) -> float:
     """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value."""
     eps = 1e-6

@@ -27,7 +27,8 @@ from circuits.component import component_card, render_component_html
 from circuits.harvest import harvest, load_harvest, save_harvest
 from circuits.harvest_accumulate import _at_most_per_group, _reservoir_offer
 from circuits.labeller import LLMLabeller, StatsLabeller, label_components
-from decomposer.errors import ArtifactFormatError, VpdError
+from decomposer.errors import ArtifactFormatError, DamagedArtifactError, VpdError
+from decomposer.integrity import file_sha256
 from tests.conftest import float64_decomposition, tiny_llama
 
 VOCAB, C = 12, 3
@@ -372,6 +373,16 @@ def test_unknown_format_version_is_refused(saved):
         assert str(err.value).count(". ") == 0  # one sentence
     with pytest.raises(VpdError, match="No harvest in"):
         load_harvest(folder / "nothing")
+
+
+def test_a_cut_short_tensors_file_is_refused_naming_it(saved):
+    _, folder, *_ = saved
+    meta = json.loads((folder / "harvest" / "harvest.json").read_text())
+    tensors = folder / "harvest" / "harvest.safetensors"
+    assert meta["files"] == {"harvest.safetensors": file_sha256(tensors)}
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(DamagedArtifactError, match=r"harvest\.safetensors is damaged: .*; run `vpd harvest` again\.$"):
+        load_harvest(folder)
 
 
 def test_labels_from_harvest(saved, tmp_path_factory):

@@ -105,7 +105,7 @@ def _harvest(args: argparse.Namespace) -> None:
 
 
 def _component(args: argparse.Namespace) -> None:
-    from attrgraph.labels import harvest_meta_path
+    from attrgraph.harvest_format import harvest_meta_path
     from circuits.component import component_card, render_component_html
     from circuits.harvest import load_harvest
     from decomposer.errors import VpdError

@@ -17,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from decomposer.errors import VpdError
+from decomposer.integrity import record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_json
 from decomposer.vpd.run import EVAL_FILE, META_FILE, METRICS_FILE, PLOTS_DIR, STATE_DIR, WEIGHTS_FILE, read_metadata
 
@@ -42,8 +43,11 @@ def bundle_run(run_dir: str | Path, *, labels: dict[str, str] | None = None, des
 
     def fill(tmp: Path) -> None:
         (tmp / STATE_DIR).mkdir()
-        for name in (WEIGHTS_FILE, META_FILE):
-            shutil.copy2(state / name, tmp / STATE_DIR / name)
+        shutil.copy2(state / WEIGHTS_FILE, tmp / STATE_DIR / WEIGHTS_FILE)
+        # The training state stays behind, so the shipped metadata records the sha256 of the weights alone.
+        atomic_write_json(
+            tmp / STATE_DIR / META_FILE, {**meta, "files": record_sha256(tmp / STATE_DIR, [WEIGHTS_FILE])}
+        )
         for name in (EVAL_FILE, METRICS_FILE):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)

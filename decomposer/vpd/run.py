@@ -4,7 +4,8 @@ runs/NAME/
   decomposition/                 written atomically as one directory
     decomposition.safetensors    components.<path>.V / .U and ci.<param>, fp32
     decomposition.json           format, format_version, target identity and weight hash,
-                                 modules {path: {d_in, d_out, C}}, ci_input_order, config, step
+                                 modules {path: {d_in, d_out, C}}, ci_input_order, config, step,
+                                 files {name: sha256} of the two safetensors files, checked at load
     train_state.safetensors      optimizer, PPGD sources and Adam state, RNG state
   metrics.jsonl                  one line per logged step
   plots/*.png                    loss curves, L0 per matrix, mean-CI spectra
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from decomposer.errors import ArtifactFormatError, VpdError
+from decomposer.integrity import check_sha256, load_safetensors, record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_json, resolve_atomic_dir
 from decomposer.vpd.ci import build_ci_function, causal_importance
 from decomposer.vpd.components import ComponentModel
@@ -37,6 +39,7 @@ TRAIN_STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 PLOTS_DIR = "plots"
+DAMAGED_FIX = "copy the run folder again from where it was written, or train it again with `vpd decompose`"
 
 
 def weights_sha256(model: ComponentModel) -> str:
@@ -140,7 +143,9 @@ def save_state(run_dir: str | Path, d: Decomposition, *, step: int, target_name:
     def fill(tmp: Path) -> None:
         save_file(d.tensors(), tmp / WEIGHTS_FILE)
         save_file({k: v.contiguous() for k, v in train_state.items()}, tmp / TRAIN_STATE_FILE)
-        atomic_write_json(tmp / META_FILE, d.metadata(step=step, target_name=target_name))
+        meta = d.metadata(step=step, target_name=target_name)
+        meta["files"] = record_sha256(tmp, [WEIGHTS_FILE, TRAIN_STATE_FILE])
+        atomic_write_json(tmp / META_FILE, meta)
 
     return atomic_write_dir(Path(run_dir) / STATE_DIR, fill)
 
@@ -169,8 +174,15 @@ def load_decomposition(run_dir: str | Path, target: nn.Module) -> tuple[Decompos
 
     Raises:
         VpdError: The folder holds no decomposition, or `target` is not the model it was trained on.
+        DamagedArtifactError: A file differs from the sha256 recorded when it was written, or is unreadable.
     """
     state, meta = read_metadata(run_dir)
+    # Runs written before sha256s were recorded have no `files`; an unreadable file is still one sentence. The
+    # training state may have been deleted (only `--resume` needs it).
+    recorded = meta.get("files", {})
+    check_sha256(
+        state, {n: h for n, h in recorded.items() if (state / n).exists() or n != TRAIN_STATE_FILE}, fix=DAMAGED_FIX
+    )
     config = DecomposeConfig.model_validate(meta["config"])
     d = Decomposition.create(config, target)
     found = weights_sha256(d.model)
@@ -182,6 +194,7 @@ def load_decomposition(run_dir: str | Path, target: nn.Module) -> tuple[Decompos
         )
     if list(d.module_paths) != meta["ci_input_order"]:
         raise VpdError(f"The run in {run_dir} was trained on modules {meta['ci_input_order']}, not {d.module_paths}.")
-    d.load_tensors(load_file(state / WEIGHTS_FILE))
-    train_state = load_file(state / TRAIN_STATE_FILE) if (state / TRAIN_STATE_FILE).exists() else {}
+    d.load_tensors(load_safetensors(state / WEIGHTS_FILE, fix=DAMAGED_FIX))
+    has_train_state = (state / TRAIN_STATE_FILE).exists()
+    train_state = load_safetensors(state / TRAIN_STATE_FILE, fix=DAMAGED_FIX) if has_train_state else {}
     return d, meta, train_state
