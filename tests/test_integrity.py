@@ -101,3 +101,16 @@ def test_vpd_eval_and_graph_on_a_cut_short_run_exit_2_naming_the_file(damaged_ru
     assert err.count("\n") == 1 and str(damaged_run / STATE_DIR / WEIGHTS_FILE) in err, err
     assert ("is damaged" if recorded else "cannot be read as safetensors") in err, err
     assert "copy the run folder again" in err and "Traceback" not in err
+
+
+def test_a_shipped_copy_records_only_the_weights_it_ships(tmp_path):
+    from decomposer.vpd.bundle import bundle_run
+
+    d = Decomposition.create(toy_config(), toy_target())
+    save_state(tmp_path / "run", d, step=1, target_name="bundled", train_state={"rng": torch.arange(4)})
+    shipped = bundle_run(tmp_path / "run", dest=tmp_path / "shipped")
+    meta = json.loads((shipped / STATE_DIR / META_FILE).read_text())
+    assert meta["files"] == {WEIGHTS_FILE: file_sha256(shipped / STATE_DIR / WEIGHTS_FILE)}
+    assert not (shipped / STATE_DIR / TRAIN_STATE_FILE).exists()
+    reloaded, _, train_state = load_decomposition(shipped, toy_target())
+    assert train_state == {} and torch.equal(reloaded.tensors()["components.enc.V"], d.tensors()["components.enc.V"])
