@@ -227,6 +227,7 @@ def test_render_html_is_offline_escaped_and_complete(graph, tmp_path):
 
     # Nothing to fetch: no remote src/href, and a policy that forbids loading anything at all.
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "http://" not in page and "https://" not in page
     assert "default-src 'none'" in page and page.count("<script") == page.count("</script>")
     assert NASTY not in page and "<b>&" not in page
     # Every '</script>' in the file closes a real script element (the browser's tokenizer agrees).
