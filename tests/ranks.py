@@ -29,6 +29,7 @@ def run_ranks(fn: Callable[..., None], world: int, workdir: str | Path, *args: A
     `fn` must be importable (a module-level function); `workdir` must be a fresh folder, which holds the store.
     """
     store = Path(workdir) / "rendezvous"
+    store.parent.mkdir(parents=True, exist_ok=True)
     if store.exists():
         raise FileExistsError(f"{store} exists from an earlier group; give each group a fresh `workdir`.")
     mp.spawn(_rank_main, args=(fn, world, f"file://{store}", args), nprocs=world, join=True)
@@ -45,3 +46,14 @@ def _rank_main(rank: int, fn: Callable[..., None], world: int, init_method: str,
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def rank_slice(batches: Callable[[int], torch.Tensor], rank: int, world: int) -> Callable[[int], torch.Tensor]:
+    """`step → batch` giving this rank its contiguous 1/world of the global batch of that step."""
+
+    def batch(step: int) -> torch.Tensor:
+        full = batches(step)
+        local = len(full) // world
+        return full[rank * local : (rank + 1) * local]
+
+    return batch

@@ -100,16 +100,29 @@ class Decomposition:
         return uv, list(self.ci_fn.parameters())
 
     def tensors(self) -> dict[str, Tensor]:
+        """Whole V, U and CI tensors; when sharded (sharding.py) this gathers them, so every rank must call it."""
+        from decomposer.vpd.sharding import full_tensor
+
         out = {}
         for p in self.module_paths:
             comp = self.model.components(p)
-            out[f"components.{p}.V"] = comp.V.detach().contiguous()
-            out[f"components.{p}.U"] = comp.U.detach().contiguous()
+            out[f"components.{p}.V"] = full_tensor(comp.V).detach().contiguous()
+            out[f"components.{p}.U"] = full_tensor(comp.U).detach().contiguous()
         for name, value in self.ci_fn.state_dict().items():
-            out[f"ci.{name}"] = value.detach().contiguous()
+            out[f"ci.{name}"] = full_tensor(value).detach().contiguous()
         return out
 
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        from decomposer.vpd.sharding import is_sharded, load_full_into
+
+        if is_sharded(self):
+            for p in self.module_paths:
+                comp = self.model.components(p)
+                load_full_into(comp.V, tensors[f"components.{p}.V"])
+                load_full_into(comp.U, tensors[f"components.{p}.U"])
+            for name, value in self.ci_fn.named_parameters():
+                load_full_into(value, tensors[f"ci.{name}"])
+            return
         with torch.no_grad():
             for p in self.module_paths:
                 comp = self.model.components(p)
@@ -137,11 +150,20 @@ class Decomposition:
         }
 
 
-def save_state(run_dir: str | Path, d: Decomposition, *, step: int, target_name: str, train_state: dict) -> Path:
-    """Write the decomposition and `train_state` tensors as one atomic directory; return it."""
+def save_state(
+    run_dir: str | Path,
+    d: Decomposition,
+    *,
+    step: int,
+    target_name: str,
+    train_state: dict,
+    tensors: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write the decomposition (`tensors`, by default `d.tensors()`) and `train_state` as one atomic directory."""
+    tensors = d.tensors() if tensors is None else tensors
 
     def fill(tmp: Path) -> None:
-        save_file(d.tensors(), tmp / WEIGHTS_FILE)
+        save_file(tensors, tmp / WEIGHTS_FILE)
         save_file({k: v.contiguous() for k, v in train_state.items()}, tmp / TRAIN_STATE_FILE)
         meta = d.metadata(step=step, target_name=target_name)
         meta["files"] = record_sha256(tmp, [WEIGHTS_FILE, TRAIN_STATE_FILE])

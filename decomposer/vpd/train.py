@@ -29,6 +29,15 @@ from decomposer.optim_state import load_optimizer_tensors, optimizer_tensors
 from decomposer.vpd.batches import BatchFn, lm_train_batches, run_eval_batches, train_tokens
 from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.run import METRICS_FILE, STATE_DIR, Decomposition, load_decomposition, save_state
+from decomposer.vpd.sharding import (
+    SHARDED_DIR,
+    load_local_parameters,
+    local_state,
+    optimizer_state_as_params,
+    read_sharded_state,
+    save_sharded_state,
+    shard_decomposition,
+)
 from decomposer.vpd.step import StepLog, Trainer, faithfulness_warmup
 
 logger = logging.getLogger(__name__)
@@ -104,6 +113,7 @@ def decompose(
     progress: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
     device: str | torch.device | None = None,
+    shard: bool = False,
 ) -> Decomposition:
     """Train a decomposition as configured and write it to the run folder `out`.
 
@@ -117,6 +127,8 @@ def decompose(
         progress: Show tqdm bars.
         on_step: Called with every step's `StepLog`.
         device: Where to train; by default CUDA when available (this rank's device under DDP), else CPU.
+        shard: Shard U, V, the CI network and their optimizer state across the ranks with FSDP2
+            (sharding.py) instead of replicating them; checkpoints are then sharded too.
 
     Raises:
         VpdError: Inconsistent arguments, a run folder that already holds a run (without `resume`),
@@ -150,8 +162,18 @@ def decompose(
         n_ref = cfg.optim.batch_size
     target_name = cfg.target
 
-    existing = resolve_atomic_dir(out / STATE_DIR)
-    if resume:
+    existing = resolve_atomic_dir(out / STATE_DIR) or resolve_atomic_dir(out / SHARDED_DIR)
+    if resume and shard:
+        found = read_sharded_state(out)
+        if found is None:
+            raise VpdError(f"`--resume` was given but {out} has no sharded checkpoint. Drop `--resume` or `--shard`.")
+        meta, state = found
+        if meta["config"] != cfg.model_dump(mode="json"):
+            raise VpdError(f"The checkpoint in {out} was written with a different config. Use a new `--out` folder.")
+        d, start = Decomposition.create(cfg, target), meta["step"]
+    elif resume:
+        if resolve_atomic_dir(out / SHARDED_DIR) is not None:
+            raise VpdError(f"The run in {out} was trained sharded. Resume it with `--shard` and the same ranks.")
         if existing is None:
             raise VpdError(f"`--resume` was given but {out} has no checkpoint. Drop `--resume` to start a new run.")
         d, meta, state = load_decomposition(out, target)
@@ -171,18 +193,25 @@ def decompose(
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     d.model.to(device)
     d.ci_fn.to(device)
+    if shard:
+        shard_decomposition(d)
+        if resume:
+            load_local_parameters(d, state)
     generator = torch.Generator().manual_seed(cfg.optim.seed * world + rank)
     distributed = world > 1
     trainer = Trainer(
         d,
         n_ref=n_ref,
         generator=generator,
-        reduce_grads=_all_reduce_mean if distributed else None,
+        # FSDP reduce-scatters (averages) the gradients of sharded parameters itself.
+        reduce_grads=_all_reduce_mean if distributed and not shard else None,
         reduce_source_grad=_reduce_mean if distributed else None,
         broadcast=(lambda t: dist.broadcast(t, src=0)) if distributed else None,
     )
     metrics_path = out / METRICS_FILE
     if resume:
+        if shard:
+            state = {**state, **optimizer_state_as_params(trainer.opt, state, "optimizer.")}
         _load_train_state(trainer, state)
         _truncate_metrics(metrics_path, start)
     else:
@@ -217,7 +246,12 @@ def decompose(
         if on_step is not None:
             on_step(log)
         if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
-            if rank == 0:
+            if shard:
+                save_sharded_state(out, d, step=done, state=local_state(d, _train_state(trainer)))
+                tensors = d.tensors()  # gathered on every rank; rank 0 writes the whole decomposition
+                if rank == 0:
+                    save_state(out, d, step=done, target_name=target_name, train_state={}, tensors=tensors)
+            elif rank == 0:
                 save_state(out, d, step=done, target_name=target_name, train_state=_train_state(trainer))
             if distributed:
                 dist.barrier()
@@ -225,5 +259,6 @@ def decompose(
     if rank == 0:
         from decomposer.vpd.plots import plot_run
 
-        plot_run(out, d, eval_batches)
+        # The CI spectrum runs the model, which a sharded run can only do on every rank at once.
+        plot_run(out, d, None if shard else eval_batches)
     return d
