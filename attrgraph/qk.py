@@ -85,6 +85,7 @@ class AttentionLayout:
         q_cols, k_cols: The output columns of q_path (k_path) holding the query (key) heads in head-major
             order; None where the matrix is the whole projection.
         positions: The family's position scheme.
+        softcap: Gemma 2's score soft-capping c (weights from softmax(c · tanh(scaling · score / c))), or None.
     """
 
     layer: int
@@ -100,6 +101,7 @@ class AttentionLayout:
     q_cols: Tensor | None = None
     k_cols: Tensor | None = None
     positions: PositionScheme = _ROPE
+    softcap: float | None = None
 
     def kv_head(self, h: int) -> int:
         """The key/value head read by query head `h`."""
@@ -196,6 +198,7 @@ def attention_layout(d: Decomposition, layer: int) -> AttentionLayout:
         q_cols=q_cols,
         k_cols=k_cols,
         positions=spec.positions,
+        softcap=getattr(attn, "attn_logit_softcapping", None),
     )
 
 
@@ -338,9 +341,12 @@ class ScoreTerms:
         return scores if self.position is None else scores + self.position
 
     def attention(self) -> Tensor:
-        """(H, T, T) causal attention weights softmax(scaling · score) over keys t′ ≤ t."""
+        """(H, T, T) causal attention weights softmax(scaling · score) over keys t′ ≤ t (soft-capped where the
+        model caps its scores)."""
         T = self.n_positions
         logits = self.layout.scaling * self.scores()
+        if self.layout.softcap is not None:
+            logits = self.layout.softcap * torch.tanh(logits / self.layout.softcap)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         return logits.masked_fill(~causal, float("-inf")).softmax(-1)
 

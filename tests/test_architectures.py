@@ -46,7 +46,7 @@ FAMILIES: dict[str, tuple[type, type, dict, tuple[str, str, bool]]] = {
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, _GQA, _ROPE),
     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, _GQA, _ROPE),
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
-    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**_GQA, "head_dim": 4, "attn_logit_softcapping": 0.5}, _ROPE),
     "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
     "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, _GQA, _ROPE),
     "gpt2": (
