@@ -17,7 +17,7 @@ UV_TORCH_ARGS ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-i
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml -c requirements/constraints.txt --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --generate-hashes --custom-compile-command "make lock" $(UV_TORCH_ARGS) $(LOCK_ARGS)
 
-.PHONY: demo test lint lock check-lock clean-venv bench-peers
+.PHONY: demo test lint lock check-lock clean-venv bench-peers browser-deps bench-peers
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
