@@ -108,7 +108,7 @@
   prune();
   var nodes = new vis.DataSet(N.map(function (n, i) {
     var c = colorOf(n);
-    return {id: n.id, x: n.x, y: n.y, shape: shapeOf(n), size: n.kind === "logit" ? 8 : 6, hidden: !nodeOn[i],
+    return {id: n.id, x: n.x, y: n.y, shape: shapeOf(n), size: n.kind === "logit" ? 9 : 7, hidden: !nodeOn[i],
       color: {background: c, border: c, highlight: {background: "#facc15", border: "#111827"},
         hover: {background: c, border: "#111827"}}, borderWidth: 1, label: undefined};
   }));
@@ -346,7 +346,9 @@
   function home() {
     var W = container.clientWidth, Hc = container.clientHeight, H = Hc - 34;
     // Fit the rows to the height, never below a readable row; wide prompts scroll instead of shrinking.
-    var fit = Math.min((H - 16) / (height + 4), (W - 110) / (width + 4));
+    // Fill the height; show the whole width too when that costs at most a quarter of the scale.
+    var fitH = (H - 16) / (height + 4), fitW = (W - 110) / (width + 4);
+    var fit = fitW >= 0.75 * fitH ? Math.min(fitH, fitW) : fitH;
     var s = Math.min(1.6, Math.max(fit, 0.34, 40 / MINCOL));
     var cx = width * s <= W - 100 ? width / 2 - 50 / s : width - (W / 2 - 16) / s;
     var cy = height * s <= H ? (height - RH) / 2 + 17 / s : height - RH / 2 + 34 / s - Hc / 2 / s + 6 / s;
@@ -414,6 +416,13 @@
       if (v === undefined || v === null || v === "") { return; }
       var tr = el("tr"); tr.appendChild(el("td", k)); tr.appendChild(el("td", v)); t.appendChild(tr);
     }
+    function chips(k, toks) {
+      if (!toks.length) { return; }
+      var tr = el("tr"), td = el("td");
+      tr.appendChild(el("td", k));
+      toks.forEach(function (t) { td.appendChild(el("span", showTok(t), "tok")); td.appendChild(document.createTextNode(" ")); });
+      tr.appendChild(td); t.appendChild(tr);
+    }
     var card = n.key ? D.cards[n.key] : null;
     row("key", n.key || n.id);
     row("block", a.block);
@@ -427,15 +436,18 @@
     row("label", a.label);
     if (card) {
       row("density", fmt(card.density));
-      row("fires on", card.inputs.map(showTok).join("  "));
-      row("writes", card.outputs.map(showTok).join("  "));
+      chips("fires on", card.inputs);
+      chips("writes", card.outputs);
     }
     box.appendChild(t);
     if (card && card.examples.length) {
       box.appendChild(el("div", "Top activating examples", "muted"));
       card.examples.forEach(function (ex) {
         var d = el("div", null, "ex");
-        ex.text.forEach(function (tok, j) { d.appendChild(el(j === ex.center ? "mark" : "span", showTok(tok))); });
+        // Eight tokens either side of the firing token are enough context for a card.
+        ex.text.forEach(function (tok, j) {
+          if (Math.abs(j - ex.center) <= 8) { d.appendChild(el(j === ex.center ? "mark" : "span", showTok(tok))); }
+        });
         d.appendChild(el("span", "  CI " + fmt(ex.ci), "muted"));
         box.appendChild(d);
       });
