@@ -79,6 +79,12 @@ FAMILIES: dict[str, tuple[type, type, dict, tuple[str, str, bool]]] = {
          "new_decoder_architecture": True, "alibi": True},
         ("alibi", "parallel", True),
     ),
+    "falcon_rw": (  # Falcon-RW: q, k, v interleaved per head, ALiBi, sequential residual
+        tf.FalconConfig, tf.FalconForCausalLM,
+        {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 2, "multi_query": False,
+         "parallel_attn": False, "alibi": True},
+        ("alibi", "sequential", True),
+    ),
 }  # fmt: skip
 QK_NORM = {"qwen3", "gemma3", "olmo2"}
 AUTO = {"auto": True, "scale": 0.25}  # the paper's ratios at a quarter: C from 3 (q, k) to 19 (down)
