@@ -28,8 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from decomposer.errors import VpdError
 
 Role = Literal["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
-ATTN_ROLES: tuple[str, ...] = ("q", "k", "v", "qkv", "o")
-MLP_ROLES: tuple[str, ...] = ("gate", "up", "gate_up", "down")
+ATTN_ROLES: tuple[str, ...] = ("q", "k", "v", "qkv", "o")  # the rest (gate, up, gate_up, down) are MLP roles
 
 # C per matrix as a multiple of d_model, the paper's ratios (method.md §3): q, k 0.67×; v, o 1.33×; MLP in
 # 4×; MLP out 4.67×. A fused matrix holds several of these, so its C is their sum.
@@ -160,13 +159,13 @@ class Architecture:
             when q, k and v are separate matrices.
         qk_norm: Whether q and k are normalised after the projection (Qwen3, OLMo2, Gemma 3), which makes
             attention scores non-bilinear in the q/k subcomponents.
-        notes: One line for the README table.
+        notes: The family's quirks, in a few words.
     """
 
     family: str
     model_types: tuple[str, ...]
     blocks: str
-    matrices: Mapping[str, str]
+    matrices: Mapping[str, Role]
     positions: Callable[[Any], PositionScheme] = _rope
     residual: Callable[[Any], Literal["sequential", "parallel"]] = lambda config: "sequential"
     heads: Callable[[Any], HeadLayout] = _heads
@@ -224,6 +223,7 @@ def architectures() -> list[Architecture]:
 
 
 def supported_families() -> str:
+    """The registered family names, comma-separated, for messages."""
     return ", ".join(a.family for a in architectures())
 
 
@@ -309,7 +309,7 @@ def auto_modules(model: nn.Module, overrides: Mapping[str, int] | None = None, *
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What the q/k score split needs to know about one family's attention, resolved for one model."""
+    """One model's adapter resolved against its config: heads, position scheme, fused-qkv split and residual."""
 
     arch: Architecture
     heads: HeadLayout
@@ -319,7 +319,7 @@ class AttentionSpec:
 
 
 def attention_spec(model: nn.Module) -> AttentionSpec:
-    """The head layout, position scheme and fused-qkv split of `model`.
+    """The head layout, position scheme, fused-qkv split and residual of `model`, from its adapter.
 
     Raises:
         VpdError: The family has no adapter.
