@@ -202,6 +202,14 @@ def test_unsupported_models_and_paths_get_one_sentence():
     assert architecture_of(build("llama")).family == "Llama"
 
 
+def test_a_model_that_is_not_a_causal_lm_is_refused_by_path(tmp_path):
+    from decomposer.target.loading import load_target
+
+    tf.T5Config(d_model=8, d_ff=16, num_layers=1, num_heads=2, vocab_size=VOCAB).save_pretrained(tmp_path)
+    with pytest.raises(VpdError, match=r"is not a decoder-only causal LM .* supported family: Llama, .*Falcon\."):
+        load_target(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("modules", "expected"),
     [

@@ -31,7 +31,7 @@ def load_target(name: str = BUNDLED) -> tuple[PreTrainedModel, PreTrainedTokeniz
     """Load a causal LM and its tokenizer in eval mode, on the CPU, in float32.
 
     Raises:
-        VpdError: The name is neither a folder with a model nor a reachable hub id.
+        VpdError: The name is neither a folder with a model nor a reachable hub id, or not a causal LM.
     """
     path = resolve_target_path(name)
     local = Path(path)
@@ -47,6 +47,15 @@ def load_target(name: str = BUNDLED) -> tuple[PreTrainedModel, PreTrainedTokeniz
         raise VpdError(
             f"`--model` {name!r} could not be loaded ({first}). Pass `bundled`, a local folder written by "
             f"`save_pretrained`, or a hub id that is reachable from this machine."
+        ) from None
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        from decomposer.architectures import supported_families
+
+        raise VpdError(
+            f"`--model` {name!r} is not a decoder-only causal LM (transformers has no causal-LM class for its "
+            f"config). Pass a model of a supported family: {supported_families()}."
         ) from None
     model.eval()
     return model, tokenizer
