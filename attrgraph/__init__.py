@@ -29,6 +29,7 @@ _EXPORTS = {
     "to_circuit_tracer": "attrgraph.export",
     "render_html": "attrgraph.render",
     "render_png": "attrgraph.render",
+    "render_svg": "attrgraph.render",
 }
 __all__ = sorted(_EXPORTS)
 
