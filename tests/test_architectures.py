@@ -134,7 +134,7 @@ def _float64_throughout() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request) -> Iterator[tuple[str, Decomposition, torch.Tensor, dict[str, torch.Tensor]]]:
+def family(request) -> tuple[str, Decomposition, torch.Tensor, dict[str, torch.Tensor]]:
     name = request.param
     with _float64_throughout():
         d = float64_decomposition(build(name), AUTO)
@@ -144,7 +144,7 @@ def family(request) -> Iterator[tuple[str, Decomposition, torch.Tensor, dict[str
         for p in d.module_paths:
             g = torch.rand(T, d.Cs[p], generator=gen, dtype=torch.float64)
             ci[p] = torch.where(g < 0.5, 0.0, g)  # half dead: the gating is exercised and the graph stays small
-        yield name, d, tokens, ci
+    return name, d, tokens, ci
 
 
 # --- the registry and `modules: auto` -------------------------------------------------------------
@@ -457,13 +457,8 @@ def test_a_decomposition_without_q_and_k_has_no_pairs_and_says_why():
 
 # --- `vpd decompose` then `vpd graph`, the target loaded by path ----------------------------------
 
-# One family per distinct layout runs by default; the rest are `slow`.
-_E2E_DEFAULT = {"llama", "gpt2", "opt", "gptj", "phi3", "falcon_alibi", "qwen3"}
 
-
-@pytest.mark.parametrize(
-    "name", [n if n in _E2E_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in sorted(FAMILIES)]
-)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # untrained models predict control tokens
 def test_decompose_then_graph_on_a_saved_model(name, micro_data_dir, tmp_path, capsys, monkeypatch):
     from transformers import PreTrainedTokenizerFast
@@ -471,8 +466,10 @@ def test_decompose_then_graph_on_a_saved_model(name, micro_data_dir, tmp_path, c
     from circuits.cli import main
     from decomposer.data.corpus import corpus_paths
 
-    # The run's loss plots are the same for every family and take most of the time; they are tested elsewhere.
+    # The run's loss plots and the graph's PNG are the same for every family and take most of the time; they
+    # are tested elsewhere.
     monkeypatch.setattr("decomposer.vpd.plots.plot_run", lambda *args, **kwargs: [])
+    monkeypatch.setattr("attrgraph.render.render_png", lambda G, path, **kwargs: Path(path), raising=False)
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(corpus_paths(micro_data_dir).tokenizer)
     config_cls, model_cls, kwargs, _ = FAMILIES[name]
