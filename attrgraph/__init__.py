@@ -15,6 +15,7 @@ _EXPORTS = {
     "build_graph": "attrgraph.graph",
     "optimize_ci": "attrgraph.optimize",
     "faithfulness": "attrgraph.optimize",
+    "ComponentKey": "attrgraph.nodes",
     "NodeId": "attrgraph.nodes",
     "short_label": "attrgraph.nodes",
     "influence_prune": "attrgraph.prune",

@@ -16,29 +16,22 @@ import csv
 import io
 import json
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from attrgraph.harvest_format import harvest_meta_path, read_harvest_meta
-from attrgraph.nodes import NodeId, module_short_name
+from attrgraph.nodes import ComponentKey, NodeId
 from decomposer.errors import VpdError
 
 RUN_LABELS = "labels.json"  # optional component key → label file in a run folder
 
-# A component key: anything without '/', '@' or ':' (a short module name), then ':' and an index.
-_COMPONENT_KEY = re.compile(r"[^/@:\s]+:(0|[1-9][0-9]*)")
 _EXAMPLE_KEYS = "a component key such as 1.attn.q:31 or a node id such as comp/model.layers.1.self_attn.q_proj/31@4"
 
 
 def component_key(module: str, c: int) -> str:
-    """`{block}.{sublayer}.{short}:{c}` (e.g. `1.attn.q:31`); `{module}:{c}` for modules of other families."""
-    try:
-        block, sublayer, short = module_short_name(module)
-    except VpdError:
-        return f"{module}:{c}"
-    return f"{block}.{sublayer}.{short}:{c}"
+    """`str(ComponentKey.of(module, c))`: `{block}.{sublayer}.{short}:{c}` (e.g. `1.attn.q:31`), else `{module}:{c}`."""
+    return str(ComponentKey.of(module, c))
 
 
 def label_for(labels: Mapping[str, str], node: NodeId | str) -> str | None:
@@ -116,12 +109,14 @@ def labels_for_run(run_dir: str | Path) -> dict[str, str]:
 def _check_key(key: Any, where: str, path: Path) -> str:
     if isinstance(key, str):
         key = key.strip()
-        if _COMPONENT_KEY.fullmatch(key):
-            return key
-        try:
-            return str(NodeId.parse(key))
-        except VpdError:
-            pass
+        for parse in (ComponentKey.parse, NodeId.parse):
+            try:
+                parsed = parse(key)
+            except VpdError:
+                continue
+            # A label names a subcomponent at every position, or one node by its canonical id.
+            if not isinstance(parsed, ComponentKey) or parsed.pos is None:
+                return str(parsed)
     raise VpdError(f"Label file {str(path)!r}: {where} key {key!r} is neither {_EXAMPLE_KEYS}.")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -158,8 +158,9 @@ def module_short_name(module: str) -> tuple[int, str, str]:
 def short_label(node: NodeId) -> str:
     """The display label of `node`, in the paper's short form for subcomponents.
 
-    - comp: `{block}.{sublayer}.{short}:{t}:{c}`, e.g. `3.attn.o:2:281` (the paper's form);
-    - delta: `{block}.{sublayer}.{short}:{t}:delta`, e.g. `3.attn.o:2:delta`;
+    - comp: its `ComponentKey`, `{block}.{sublayer}.{short}:{c}@{t}`, e.g. `3.attn.o:281@2` (the paper writes
+      `3.attn.o:2:281`; one form for labels and input keeps a label usable as `vpd ablate --nodes`);
+    - delta: `{block}.{sublayer}.{short}:delta@{t}`, e.g. `3.attn.o:delta@2`;
     - emb: `emb:{t}`, e.g. `emb:0`;
     - logit: `logit:{token_id}@{t}`, e.g. `logit:1234@5`.
 
@@ -173,9 +174,11 @@ def short_label(node: NodeId) -> str:
     if node.kind == "logit":
         return f"logit:{node.index}@{node.pos}"
     assert node.module is not None, f"{node.kind} node without a module: {node!r}"
-    block, sublayer, short = module_short_name(node.module)
-    last = node.index if node.kind == "comp" else "delta"
-    return f"{block}.{sublayer}.{short}:{node.pos}:{last}"
+    matrix = ".".join(map(str, module_short_name(node.module)))
+    if node.kind == "comp":
+        assert node.index is not None, f"comp node without an index: {node!r}"
+        return str(ComponentKey(matrix, node.index, node.pos))
+    return f"{matrix}:delta@{node.pos}"
 
 
 # Rendering grid rows within one block, bottom to top. Short names in one tuple share a row: the
@@ -214,36 +217,112 @@ def node_row(node: NodeId, *, n_blocks: int | None = None) -> int:
     return 1 + ROWS_PER_BLOCK * block + _ROW_OF_SHORT[short]
 
 
-_COMPONENT_KEY = re.compile(r"(?P<module>[^:\s]+):(?P<c>[0-9]+)")
+_KEY = re.compile(rf"(?P<matrix>[^/@:\s]+):(?P<c>{_INT})(?:@(?P<t>{_INT}))?")
+# The display form of earlier releases, position before index: `2.mlp.down:3:17` (t = 3, c = 17).
+_OLD_LABEL_FORM = re.compile(r"(?P<matrix>[^/@:\s]+):(?P<t>[0-9]+):(?P<c>[0-9]+)")
+_KEY_FORMS = "block.part.matrix:c or block.part.matrix:c@t, e.g. 2.mlp.down:17 or 2.mlp.down:17@3"
 
 
-def resolve_component(
-    module_paths: Iterable[str], Cs: Mapping[str, int], key: str, *, argument: str = "component"
-) -> tuple[str, int]:
-    """(module path, c) of a subcomponent key such as `2.mlp.down:17` or `model.layers.2.mlp.down_proj:17`.
+@dataclass(frozen=True, order=True)
+class ComponentKey:
+    """A subcomponent, at every position or at one: `{block}.{part}.{matrix}:{c}` or `{block}.{part}.{matrix}:{c}@{t}`.
+
+    The one string form of a subcomponent: harvest statistics, label files, `vpd ablate --nodes`,
+    `vpd edit --component` and graph labels all use it, and `ComponentKey.parse(str(k)) == k`.
+
+    Attributes:
+        matrix: The short matrix name (`2.mlp.down`, see `module_short_name`); for a module outside the
+            architecture registry, or when given so, its module path.
+        index: The subcomponent index c, >= 0.
+        pos: The token position t, or None for every position.
+    """
+
+    matrix: str
+    index: int
+    pos: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.matrix, str) or not re.fullmatch(r"[^/@:\s]+", self.matrix):
+            raise VpdError(
+                f"`matrix` of a component key must be a name without '/', '@', ':' or spaces; got {self.matrix!r}."
+            )
+        for name, value in (("index", self.index), ("pos", self.pos)):
+            if (value is not None or name == "index") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
+                raise VpdError(f"`{name}` of a component key must be an int >= 0; got {value!r}.")
+
+    @classmethod
+    def of(cls, module: str, c: int, pos: int | None = None) -> ComponentKey:
+        """The key of subcomponent `c` of the matrix at `module` (its short name when the registry knows it)."""
+        try:
+            matrix = ".".join(map(str, module_short_name(module)))
+        except VpdError:
+            matrix = module
+        return cls(matrix, c, pos)
+
+    def __str__(self) -> str:
+        return f"{self.matrix}:{self.index}" + ("" if self.pos is None else f"@{self.pos}")
+
+    @classmethod
+    def parse(cls, s: str, *, subject: str | None = None) -> ComponentKey:
+        """Read a key; the exact inverse of `str`.
+
+        Args:
+            s: The key, e.g. `2.mlp.down:17` or `2.mlp.down:17@3`.
+            subject: How error messages name the input (default: Component key '...').
+
+        Raises:
+            VpdError: `s` is not a key, naming the form to use (the old `block.part.matrix:t:c` form included).
+        """
+        subject = subject or f"Component key {s!r}"
+        text = s.strip() if isinstance(s, str) else ""
+        match = _KEY.fullmatch(text)
+        if match is not None:
+            return cls(match["matrix"], int(match["c"]), None if match["t"] is None else int(match["t"]))
+        old = _OLD_LABEL_FORM.fullmatch(text)
+        if old is not None:
+            raise VpdError(
+                f"{subject} puts the position before the index, a form no longer read; "
+                f"write {old['matrix']}:{int(old['c'])}@{int(old['t'])} (index c, then @position t)."
+            )
+        raise VpdError(f"{subject} is not a subcomponent key; write {_KEY_FORMS}.")
+
+    def resolve(self, Cs: Mapping[str, int], *, subject: str | None = None) -> str:
+        """The module path this key names among the decomposed matrices `Cs` (path → C, e.g. `d.Cs`).
+
+        Raises:
+            VpdError: The key names no decomposed matrix, or its index is ≥ C.
+        """
+        subject = subject or f"Component key {str(self)!r}"
+        by_short = {ComponentKey.of(path, 0).matrix: path for path in Cs}
+        path = self.matrix if self.matrix in Cs else by_short.get(self.matrix)
+        if path is None:
+            near = difflib.get_close_matches(self.matrix, list(by_short), n=5, cutoff=0.0)
+            raise VpdError(f"{subject} names no decomposed matrix; use one of {', '.join(near)} with `:c`.")
+        if self.index >= Cs[path]:
+            raise VpdError(
+                f"{subject} has index {self.index}, but {ComponentKey.of(path, 0).matrix} has C={Cs[path]}; "
+                f"use an index in 0..{Cs[path] - 1}."
+            )
+        return path
+
+
+def resolve_component(Cs: Mapping[str, int], key: str, *, argument: str = "component") -> tuple[str, int]:
+    """(module path, c) of a key without a position, such as `2.mlp.down:17` or `model.layers.2.mlp.down_proj:17`.
 
     Args:
-        module_paths: The decomposed module paths (`d.module_paths`).
-        Cs: Path → C (`d.Cs`).
+        Cs: The decomposed matrices, path → C (`d.Cs`).
         key: The key to resolve.
         argument: The argument name used in error messages.
 
     Raises:
-        VpdError: The key is malformed, names no decomposed matrix, or c ≥ C.
+        VpdError: The key is malformed or has a position, names no decomposed matrix, or c ≥ C.
     """
-    match = _COMPONENT_KEY.fullmatch(key.strip()) if isinstance(key, str) else None
-    if match is None:
+    subject = f"`{argument}` {key!r}"
+    parsed = ComponentKey.parse(key, subject=subject)
+    if parsed.pos is not None:
         raise VpdError(
-            f"`{argument}` {key!r} is not a subcomponent key; write it as block.part.matrix:c, e.g. 2.mlp.down:17."
+            f"{subject} names one position, but `{argument}` acts at every one; write {parsed.matrix}:{parsed.index}."
         )
-    name, c = match["module"], int(match["c"])
-    by_short = {".".join(map(str, module_short_name(path))): path for path in module_paths}
-    path = name if name in by_short.values() else by_short.get(name)
-    if path is None:
-        near = difflib.get_close_matches(name, list(by_short), n=5, cutoff=0.0)
-        raise VpdError(f"`{argument}` {key!r} names no decomposed matrix; use one of {', '.join(near)} with `:c`.")
-    if c >= Cs[path]:
-        raise VpdError(
-            f"`{argument}` {key!r} has index {c}, but {name} has C={Cs[path]}; use an index in 0..{Cs[path] - 1}."
-        )
-    return path, c
+    return parsed.resolve(Cs, subject=subject), parsed.index

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from attrgraph.labels import component_key
-from attrgraph.nodes import module_short_name
-from attrgraph.nodes import resolve_component as resolve_key
+from attrgraph.nodes import module_short_name, resolve_component
 from circuits.edit_metrics import EditMetrics, EditPoint, edit_metrics
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
@@ -40,15 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESIDUAL_WRITERS = ("o", "down")
-
-
-def resolve_component(d: Decomposition, key: str) -> tuple[str, int]:
-    """(module path, c) of a key such as `2.mlp.down:17` or `model.layers.2.mlp.down_proj:17`.
-
-    Raises:
-        VpdError: The key is malformed, names no decomposed matrix, or c ≥ C.
-    """
-    return resolve_key(d.module_paths, d.Cs, key, argument="component")
 
 
 def unembedding_direction(model: nn.Module, token_id: int) -> Tensor:
@@ -148,7 +138,7 @@ def edit_write_vector(
         VpdError: An unknown `key`, a `direction` of the wrong shape or zero norm, a non-finite `alpha`, or
             not exactly one of `sign` and `firing_ids`.
     """
-    path, c = resolve_component(d, key)
+    path, c = resolve_component(d.Cs, key)
     comp = d.model.components(path)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise VpdError(f"`alpha` must be a finite number; got {alpha!r}.")
@@ -311,7 +301,7 @@ def resolve_edit(d: Decomposition, tokenizer: PreTrainedTokenizerBase, key: str,
         VpdError: An unknown `key`, a matrix that does not write to the residual stream, or a `token` that is not
             one token.
     """
-    path, c = resolve_component(d, key)
+    path, c = resolve_component(d.Cs, key)
     block, _, short = module_short_name(path)
     if short not in RESIDUAL_WRITERS:
         raise VpdError(

@@ -1,9 +1,9 @@
 """Interventions on a decomposition: ablate, keep, rescale or replace subcomponents (attribution-graphs.md §3, §5).
 
 A *site* is subcomponent c of one decomposed matrix, at every position or at one position t. Strings name
-it as `{block}.{attn|mlp}.{matrix}:{c}` or `...:{c}@{t}` (e.g. `1.attn.q:31`, `2.mlp.down:17@3`); the
-graph label form `{block}.{part}.{matrix}:{t}:{c}`, canonical ids `comp/{module}/{c}@{t}` and `NodeId`s
-work too. Other graph nodes (embeddings, logits, deltas) are skipped where a whole graph may be passed.
+it by its `ComponentKey`, `{block}.{attn|mlp}.{matrix}:{c}` or `...:{c}@{t}` (e.g. `1.attn.q:31`,
+`2.mlp.down:17@3`, the form graph labels show); canonical ids `comp/{module}/{c}@{t}` and `NodeId`s work
+too. Other graph nodes (embeddings, logits, deltas) are skipped where a whole graph may be passed.
 
 Kinds of `Intervention`, with a_c = x·v_c the activation and u_c the write vector of subcomponent c:
 
@@ -30,7 +30,6 @@ generation with a KV cache replace the same tokens.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from attrgraph.nodes import NodeId, module_short_name
+from attrgraph.nodes import ComponentKey, NodeId
 from decomposer.errors import VpdError
 from decomposer.vpd.components import as_token_grid, token_shape
 from decomposer.vpd.run import Decomposition
@@ -47,7 +46,6 @@ from decomposer.vpd.run import Decomposition
 Kind = Literal["zero", "mean", "resample", "scale"]
 KINDS = ("zero", "mean", "resample", "scale")
 _DRAW_CHUNK = 1024  # resample draws per (row, chunk of positions); see `_draw_indices`
-_SITE = re.compile(r"([0-9]+)\.([a-z]+)\.([a-z_]+):([0-9]+)(?::([0-9]+))?(?:@([0-9]+))?")
 
 
 class Site(NamedTuple):
@@ -102,7 +100,7 @@ class Intervention:
 
 def _matrices(d: Decomposition) -> dict[str, str]:
     """Short matrix name (`1.attn.q`) → module path."""
-    return {".".join(map(str, module_short_name(p))): p for p in d.module_paths}
+    return {ComponentKey.of(p, 0).matrix: p for p in d.module_paths}
 
 
 def resolve_sites(
@@ -138,32 +136,10 @@ def resolve_sites(
                     f"`{name}` entry {text!r} names module {node.module!r}, which is not decomposed; "
                     f"use one of {', '.join(list(matrices.values())[:5])} (all of `d.module_paths`)."
                 )
-            path, index, pos = node.module, node.index, node.pos
-            short = next(k for k, v in matrices.items() if v == path)
+            key = ComponentKey.of(node.module, node.index, node.pos)
         else:
-            match = _SITE.fullmatch(node) if isinstance(node, str) else None
-            if match is None:
-                raise VpdError(
-                    f"`{name}` entry {text!r} is not a subcomponent; write it as block.part.matrix:c or "
-                    "block.part.matrix:c@t, e.g. 1.attn.q:31 or 2.mlp.down:17@3."
-                )
-            block, part, matrix, first, second, at = match.groups()
-            if second is not None and at is not None:
-                raise VpdError(f"`{name}` entry {text!r} gives the position twice; write 1.attn.q:31@4.")
-            short = f"{block}.{part}.{matrix}"
-            if short not in matrices:
-                raise VpdError(
-                    f"`{name}` entry {text!r} names matrix {short}, which is not decomposed; use one of "
-                    f"{', '.join(list(matrices)[:8])}{', …' if len(matrices) > 8 else ''}."
-                )
-            path = matrices[short]
-            if second is not None:  # the graph label form block.part.matrix:t:c
-                index, pos = int(second), int(first)
-            else:
-                index, pos = int(first), None if at is None else int(at)
-        C = d.Cs[path]
-        if index >= C:
-            raise VpdError(f"`{name}` entry {text!r} has index {index}, but {short} has C={C}; use 0..{C - 1}.")
+            key = ComponentKey.parse(node, subject=f"`{name}` entry {text!r}")
+        path, index, pos = key.resolve(d.Cs, subject=f"`{name}` entry {text!r}"), key.index, key.pos
         if pos is not None and limit is not None and pos >= limit:
             where = "the prompt has" if seq_len is not None else "the model's context is"
             raise VpdError(

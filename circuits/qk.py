@@ -57,15 +57,9 @@ __all__ = [
     "plot_offset_attention",
     "plot_static_strength",
     "qk_layers",
-    "resolve_component_key",
     "static_strength",
     "top_densities",
 ]
-
-
-def resolve_component_key(d: Decomposition, key: str, *, argument: str = "key") -> tuple[str, int]:
-    """(module path, c) of a key such as `1.attn.q:31` (see `attrgraph.nodes.resolve_component`)."""
-    return resolve_component(d.module_paths, d.Cs, key, argument=argument)
 
 
 def qk_layers(d: Decomposition) -> list[int]:
@@ -425,7 +419,7 @@ def ablation_attention_effect(d: Decomposition, ids: Tensor, q_key: str, *, max_
     Raises:
         VpdError: `q_key` is malformed or not a q subcomponent, or `ids` is not a batch of token ids.
     """
-    path, c = resolve_component_key(d, q_key, argument="q_key")
+    path, c = resolve_component(d.Cs, q_key, argument="q_key")
     layer, _, short = module_short_name(path)
     if short != "q":
         raise VpdError(

@@ -109,8 +109,8 @@ def test_module_short_name_rejects(module: str) -> None:
 
 
 def test_short_label_and_rows() -> None:
-    assert short_label(NodeId.comp("model.layers.3.self_attn.o_proj", 281, 2)) == "3.attn.o:2:281"
-    assert short_label(NodeId.delta("transformer.h.2.mlp.c_proj", 4)) == "2.mlp.down:4:delta"
+    assert short_label(NodeId.comp("model.layers.3.self_attn.o_proj", 281, 2)) == "3.attn.o:281@2"
+    assert short_label(NodeId.delta("transformer.h.2.mlp.c_proj", 4)) == "2.mlp.down:delta@4"
     assert short_label(NodeId.emb(1)) == "emb:1"
     assert short_label(NodeId.logit(42, 6)) == "logit:42@6"
     # Block b spans rows 1 + 4b (q/k/v/qkv), 2 + 4b (o), 3 + 4b (gate/up), 4 + 4b (down).

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from attrgraph.nodes import resolve_component
 from circuits.edit import (
     activation_sign,
     component_activity,
     edit_write_vector,
     find_token_specific,
-    resolve_component,
     unembedding_direction,
 )
 from circuits.edit_metrics import EditPoint, edit_metrics, metrics_from_stats, position_stats, surrounding_mask
@@ -154,7 +154,7 @@ def test_bad_edit_arguments_are_one_sentence(d):
     for key, vec, alpha, kw, message in cases:
         with pytest.raises(VpdError, match=message):
             edit_write_vector(d, key, vec, alpha, **kw)
-    assert resolve_component(d, f"{DOWN}:2") == (DOWN, 2)  # a full module path works too
+    assert resolve_component(d.Cs, f"{DOWN}:2") == (DOWN, 2)  # a full module path works too
 
 
 def test_unembedding_direction(d):

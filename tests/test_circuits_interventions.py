@@ -82,7 +82,7 @@ def _hooks_empty(model: nn.Module) -> bool:
 
 
 def test_site_forms_resolve_to_the_same_subcomponent(d):
-    forms = ["1.attn.q:3@2", "1.attn.q:2:3", f"comp/{Q1}/3@2", NodeId.comp(Q1, 3, 2)]
+    forms = ["1.attn.q:3@2", f"{Q1}:3@2", f"comp/{Q1}/3@2", NodeId.comp(Q1, 3, 2)]
     assert resolve_sites(d, forms, seq_len=T) == [Site(Q1, 3, 2)] * 4
     assert resolve_sites(d, ["0.mlp.down:7", "emb@0", f"delta/{Q0}@1", "logit/5@2"]) == [Site(DOWN0, 7, None)]
 
@@ -90,11 +90,12 @@ def test_site_forms_resolve_to_the_same_subcomponent(d):
 @pytest.mark.parametrize(
     ("node", "message"),
     [
-        ("9.attn.q:1", "names matrix 9.attn.q, which is not decomposed"),
+        ("9.attn.q:1", "names no decomposed matrix; use one of"),
         ("0.attn.q:8", "has index 8, but 0.attn.q has C=8"),
         ("0.attn.q:1@6", "has position 6, but the prompt has 6 tokens"),
-        ("q:1", "is not a subcomponent"),
-        ("0.attn.q:1:2@3", "gives the position twice"),
+        ("0.attn.q", "is not a subcomponent key"),
+        ("0.attn.q:1:2@3", "is not a subcomponent key"),
+        ("1.attn.q:2:3", r"puts the position before the index, a form no longer read; write 1\.attn\.q:3@2 "),
         ("comp/model.layers.0.mlp.nope/1@0", "is not decomposed"),
     ],
 )
@@ -455,7 +456,7 @@ def test_cli_reports_before_and_after(saved_run, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--nodes", "7.attn.q:1"], "`--nodes` entry '7.attn.q:1' names matrix 7.attn.q"),
+        (["--nodes", "7.attn.q:1"], "`--nodes` entry '7.attn.q:1' names no decomposed matrix"),
         (["--nodes", "0.attn.q:8"], "`--nodes` entry '0.attn.q:8' has index 8, but 0.attn.q has C=8"),
         (["--nodes", "0.attn.q:1@40"], "has position 40, but the prompt has"),
         (["--nodes", "0.attn.q:1", "--kind", "scale"], "`--scale` goes with `--kind scale`"),

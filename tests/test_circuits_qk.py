@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from attrgraph.nodes import resolve_component
 from attrgraph.qk import rope_cos_sin, rope_of, score_terms
 from circuits.qk import (
     FiringStats,
@@ -22,7 +23,6 @@ from circuits.qk import (
     plot_attention_ablation,
     plot_offset_attention,
     plot_static_strength,
-    resolve_component_key,
     static_strength,
 )
 from decomposer.errors import VpdError
@@ -217,11 +217,11 @@ def test_ablation_effect_matches_the_analytic_attention(tmp_path):
     with pytest.raises(VpdError, match=r"`q_key` '1\.attn\.k:3' is a k subcomponent"):
         ablation_attention_effect(d, ids, "1.attn.k:3")
     with pytest.raises(VpdError, match="names no decomposed matrix; use one of"):
-        resolve_component_key(d, "1.q:3")
+        resolve_component(d.Cs, "1.q:3")
     with pytest.raises(VpdError, match="is not a subcomponent key"):
-        resolve_component_key(d, "1.attn.q")
+        resolve_component(d.Cs, "1.attn.q")
     with pytest.raises(VpdError, match="C=8"):
-        resolve_component_key(d, "1.attn.q:8")
+        resolve_component(d.Cs, "1.attn.q:8")
 
 
 @pytest.fixture
