@@ -55,6 +55,7 @@ from circuits.harvest_stats import CoFiring, Example, Harvest, TokenStats
 from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.integrity import check_sha256, load_safetensors, record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_text
+from decomposer.vpd.distributed import rank_and_world
 from decomposer.vpd.run import Decomposition
 
 __all__ = ["CoFiring", "Example", "Harvest", "TokenStats", "harvest", "load_harvest", "save_harvest"]
@@ -76,6 +77,67 @@ def _vocab_strings(tokenizer: Any, V: int) -> tuple[str, ...]:
     return tuple(tokenizer.decode([i]) if i < n else f"<{i}>" for i in range(V))
 
 
+def _check_batch(i: int, batch: Any, V: int) -> None:
+    if not isinstance(batch, Tensor) or batch.ndim != 2 or batch.is_floating_point() or batch.numel() == 0:
+        got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+        raise VpdError(f"`token_batches[{i}]` must be a non-empty (batch, seq) integer tensor; got {got}.")
+    if int(batch.min()) < 0 or int(batch.max()) >= V:
+        raise VpdError(f"`token_batches[{i}]` holds token ids outside [0, {V}); tokenize with the run's tokenizer.")
+
+
+def _batch_statistics(d: Decomposition, paths: list[str], u_norm: Tensor, tokens: Tensor) -> tuple[Tensor, ...]:
+    """(g, scaled activations, next-token probabilities) of one batch: what the accumulator reads."""
+    out, xs = d.model.forward_with_inputs(tokens)
+    g, _ = d.causal_importance(xs)
+    g_all = torch.cat([g[p] for p in paths], dim=-1)
+    acts = torch.cat([d.model.components(p).component_acts(xs[p]) for p in paths], dim=-1) * u_norm
+    return g_all, acts, torch.softmax(out.logits.float(), dim=-1)
+
+
+def _accumulate_across_ranks(
+    d: Decomposition,
+    paths: list[str],
+    u_norm: Tensor,
+    batches: list[Tensor],
+    acc: _Accumulator,
+    rank: int,
+    world: int,
+    *,
+    progress: bool,
+) -> None:
+    """Under torchrun: rank r runs the forwards of batches r, r + world, …; rank 0 accumulates them in order.
+
+    The accumulator's reservoirs draw from one generator in batch order and its sums round in that order, so
+    it runs on one rank over the batches in their original order: the counts equal one process's exactly,
+    while the target and CI forwards, the bulk of the work, are spread over the ranks.
+    """
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    device = d.model_device
+    bar = tqdm(total=len(batches), desc="harvest", unit="batch", disable=not progress or rank != 0)
+    for first in range(0, len(batches), world):
+        mine = first + rank
+        own = None
+        if mine < len(batches):
+            own = _batch_statistics(d, paths, u_norm, batches[mine].to(device=device, dtype=torch.long))
+            if rank != 0:
+                for t in own:
+                    dist.send(t.contiguous(), dst=0)
+        if rank != 0:
+            continue
+        for r in range(min(world, len(batches) - first)):
+            tokens = batches[first + r].to(device=device, dtype=torch.long)
+            stats = own
+            if r > 0:  # same dtypes as rank 0's own batch, shaped by this batch's (B, T)
+                stats = [torch.empty((*tokens.shape, t.shape[-1]), dtype=t.dtype, device=device) for t in own]
+                for t in stats:
+                    dist.recv(t, src=r)
+            acc.update(tokens, *stats)
+            bar.update(1)
+    bar.close()
+
+
 @torch.no_grad()
 def harvest(
     d: Decomposition,
@@ -89,7 +151,7 @@ def harvest(
     per_batch: int = 5,
     seed: int = 0,
     progress: bool = False,
-) -> Harvest:
+) -> Harvest | None:
     """Count component statistics over `token_batches` in one pass, on the decomposition's device.
 
     Args:
@@ -104,8 +166,11 @@ def harvest(
         seed: Seeds the reservoir's random choices.
         progress: Show a tqdm bar.
 
+    Under torchrun the ranks share the forwards and rank 0 accumulates (`_accumulate_across_ranks`): every
+    rank must call this with the same batches, and the counts, equal to one process's, come back on rank 0.
+
     Returns:
-        The counts, on the CPU, with the pass's wall time (`tokens_per_s`).
+        The counts, on the CPU, with the pass's wall time (`tokens_per_s`); None on ranks other than 0.
 
     Raises:
         VpdError: A setting is out of range, a batch is not a 2-D integer tensor of valid ids, or there
@@ -119,22 +184,23 @@ def harvest(
     u_norm = torch.cat([d.model.components(p).U.detach().norm(dim=1) for p in paths])
     acc = _Accumulator(sum(d.Cs.values()), V, tau=tau_fire, top_k=top_k, window=window, reservoir=reservoir,
                        per_batch=per_batch, seed=seed, device=device)  # fmt: skip
+    rank, world = rank_and_world()
+    if world > 1:
+        token_batches = list(token_batches)
+        for i, batch in enumerate(token_batches):  # every rank checks every batch, so all refuse alike
+            _check_batch(i, batch, V)
     total = len(token_batches) if hasattr(token_batches, "__len__") else None
-    bar = tqdm(token_batches, total=total, desc="harvest", unit="batch", disable=not progress)
     start = time.perf_counter()
+    if world > 1:
+        _accumulate_across_ranks(d, paths, u_norm, token_batches, acc, rank, world, progress=progress)
+    bar = tqdm(token_batches if world == 1 else [], total=total, desc="harvest", unit="batch", disable=not progress)
     for i, batch in enumerate(bar):
-        if not isinstance(batch, Tensor) or batch.ndim != 2 or batch.is_floating_point() or batch.numel() == 0:
-            got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
-            raise VpdError(f"`token_batches[{i}]` must be a non-empty (batch, seq) integer tensor; got {got}.")
-        if int(batch.min()) < 0 or int(batch.max()) >= V:
-            raise VpdError(f"`token_batches[{i}]` holds token ids outside [0, {V}); tokenize with the run's tokenizer.")
+        _check_batch(i, batch, V)
         tokens = batch.to(device=device, dtype=torch.long)
-        out, xs = d.model.forward_with_inputs(tokens)
-        g, _ = d.causal_importance(xs)
-        g_all = torch.cat([g[p] for p in paths], dim=-1)
-        acts = torch.cat([d.model.components(p).component_acts(xs[p]) for p in paths], dim=-1) * u_norm
-        acc.update(tokens, g_all, acts, torch.softmax(out.logits.float(), dim=-1))
+        acc.update(tokens, *_batch_statistics(d, paths, u_norm, tokens))
         bar.set_postfix(tok_s=f"{acc.n_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+    if rank != 0:
+        return None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -56,6 +56,7 @@ from transformers import PreTrainedTokenizerBase
 
 from circuits.clustering import component_key
 from decomposer.errors import VpdError
+from decomposer.vpd.distributed import gather_shares, my_share, rank_and_world
 from decomposer.vpd.run import Decomposition
 
 logger = logging.getLogger(__name__)
@@ -335,34 +336,37 @@ def run_study(
         if context is not None and T > context:
             raise VpdError(f"Prompt {i + 1} is {T} tokens, longer than the model's context of {context}. Shorten it.")
     l_min = {**L_MIN, **(l_min or {})}
-    rows: list[dict] = []
-    keys: dict[tuple[int, str], set[str]] = {}
-    order: list[tuple[int, str]] = []
-    for i, prompt in enumerate(tqdm(prompts, desc="study", disable=not progress)):
+    done: list[tuple[int, str, dict, set[str]]] = []
+    # Under torchrun each rank studies its share of the prompts; every prompt is seeded alike on its own,
+    # so the gathered rows equal one process's.
+    for i in tqdm(my_share(range(len(prompts))), desc="study", disable=not progress or rank_and_world()[0] != 0):
+        prompt = prompts[i]
         for graph_type in graph_types:
             res = study_prompt(
                 d, tokenizer, prompt, graph_type, target=targets[i], optimize_steps=optimize_steps,
                 l_min=l_min.get(graph_type), node_threshold=node_threshold, edge_threshold=edge_threshold,
                 n_samples=n_samples, pgd_steps=pgd_steps, restarts=restarts, seed=seed,
             )  # fmt: skip
-            keys[i, graph_type] = component_keys(res.graph)
-            order.append((i, graph_type))
-            rows.append({
+            done.append((i, graph_type, {
                 "prompt": prompt, "target": res.target, "target_pos": res.target_pos, "graph_type": graph_type,
                 "p_target": res.report["target"], "p_ci": res.report["ci"], "p_stochastic": res.report["stochastic"],
                 "p_adversarial": res.report["adversarial"], "n_nodes": _n_comp(res.graph),
                 "n_edges": res.graph.number_of_edges(), "n_nodes_pruned": _n_comp(res.pruned),
                 "n_edges_pruned": res.pruned.number_of_edges(), "pair_id": pair_of.get(i), "shared_nodes": None,
                 "seconds": res.seconds,
-            })  # fmt: skip
-            logger.info("study: %r %s: %d nodes, %.1f s", prompt, graph_type, rows[-1]["n_nodes"], res.seconds)
+            }, component_keys(res.graph)))  # fmt: skip
+            logger.info("study: %r %s: %d nodes, %.1f s", prompt, graph_type, done[-1][2]["n_nodes"], res.seconds)
+    done = gather_shares(done)
+    rows = [row for _, _, row, _ in done]
+    keys = {(i, graph_type): k for i, graph_type, _, k in done}
+    order = [(i, graph_type) for i, graph_type, _, _ in done]
     by_pair = {k: pair for k, pair in enumerate(pairs or [])}
     for row, (_, graph_type) in zip(rows, order, strict=True):
         if row["pair_id"] is not None:
             a, b = by_pair[row["pair_id"]]
             row["shared_nodes"] = len(keys[a, graph_type] & keys[b, graph_type])
     table = _typed(pd.DataFrame(rows, columns=list(COLUMNS)))
-    if out is not None:
+    if out is not None and rank_and_world()[0] == 0:
         save_study(table, out)
     return table
 

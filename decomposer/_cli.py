@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -93,6 +92,11 @@ def register_vpd(sub: argparse._SubParsersAction) -> None:
     decompose.add_argument("--config", required=True, help="YAML config, e.g. configs/smoke.yaml")
     decompose.add_argument("--out", required=True, help="run folder")
     decompose.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    decompose.add_argument(
+        "--shard",
+        action="store_true",
+        help="under torchrun, shard U, V, the CI network and their optimizer state across the ranks (FSDP2)",
+    )
     decompose.set_defaults(handler=_decompose)
 
     evaluate = sub.add_parser("eval", help="evaluate a decomposition: CE/KL per masking mode, PGD, L0, alive")
@@ -112,18 +116,13 @@ def register_vpd(sub: argparse._SubParsersAction) -> None:
 
 def _decompose(args: argparse.Namespace) -> None:
     from decomposer.vpd.config import load_decompose_config
+    from decomposer.vpd.distributed import torchrun_group
     from decomposer.vpd.train import decompose
 
     config = load_decompose_config(args.config)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Launched by torchrun: one process per device, gradients averaged across them.
-        import torch
-        import torch.distributed as dist
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    decompose(config, args.out, resume=args.resume, progress=True)
+    # Under torchrun: one process per device, gradients averaged (or parameters sharded) across them.
+    with torchrun_group(always=args.shard):
+        decompose(config, args.out, resume=args.resume, progress=True, shard=args.shard)
     print(f"decomposition written to {args.out}; evaluate it with `vpd eval --run {args.out}`")
 
 

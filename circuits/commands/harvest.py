@@ -40,6 +40,7 @@ def _harvest(args: argparse.Namespace) -> None:
     from circuits.harvest import harvest, save_harvest
     from decomposer.errors import VpdError
     from decomposer.vpd.batches import run_heldout_windows
+    from decomposer.vpd.distributed import torchrun_group
     from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
     from decomposer.vpd.run import read_metadata
@@ -66,7 +67,11 @@ def _harvest(args: argparse.Namespace) -> None:
     batch_size = args.batch_size or cfg.optim.batch_size
     windows = run_heldout_windows(cfg, tokenizer, target=d.model.target, n_tokens=args.tokens)
     seq_len, batches = windows.shape[1], list(windows.split(batch_size))
-    h = harvest(d, batches, tokenizer=tokenizer, tau_fire=args.tau, progress=True)
+    # Under torchrun the ranks share the forwards and rank 0 holds the counts, writes and reports them.
+    with torchrun_group() as (rank, _):
+        h = harvest(d, batches, tokenizer=tokenizer, tau_fire=args.tau, progress=True)
+    if rank != 0:
+        return
     try:
         folder = save_harvest(h, out, progress=True)
     except OSError as err:

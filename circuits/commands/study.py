@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _study(args: argparse.Namespace) -> None:
     from circuits.study import parse_graph_types, read_prompts, run_study
     from decomposer.errors import VpdError
+    from decomposer.vpd.distributed import torchrun_group
     from decomposer.vpd.load import load_run
 
     # Everything that can be checked without the model is checked before loading it.
@@ -47,10 +48,14 @@ def _study(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise VpdError(f"`--steps` must be at least 1; got {args.steps}. The paper uses 2000.")
     d, tokenizer, _ = load_run(args.run)
-    table = run_study(
-        d, tokenizer, spec.prompts, targets=spec.targets, pairs=spec.pairs, graph_types=graph_types,
-        optimize_steps=args.steps, out=args.out,
-    )  # fmt: skip
+    # Under torchrun each rank studies its share of the prompts; rank 0 writes and prints the whole table.
+    with torchrun_group() as (rank, _):
+        table = run_study(
+            d, tokenizer, spec.prompts, targets=spec.targets, pairs=spec.pairs, graph_types=graph_types,
+            optimize_steps=args.steps, out=args.out,
+        )  # fmt: skip
+    if rank != 0:
+        return
     out = Path(args.out)
     if args.json:
         records = json.loads(table.to_json(orient="records"))
