@@ -501,6 +501,7 @@ def test_decompose_then_graph_on_a_saved_model(name, micro_data_dir, tmp_path, c
     graph_attrs = pruned.get("graph", {})
     if name in QK_NORM:
         assert "normalises q and k" in graph_attrs["qk_note"] and graph_attrs["qk_pairs"] == []
+        assert "normalises q and k after the projection" in Path(summary["files"]["html"]).read_text()  # the panel
     else:
         assert "qk_note" not in graph_attrs
 
