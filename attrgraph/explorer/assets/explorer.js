@@ -345,8 +345,8 @@
   }, {capture: true, passive: false});
   function home() {
     var W = container.clientWidth, Hc = container.clientHeight, H = Hc - 34;
-    // Fit the rows to the height, never below a readable row; wide prompts scroll instead of shrinking.
-    // Fill the height; show the whole width too when that costs at most a quarter of the scale.
+    // Fill the height (never below a readable row; wide prompts scroll instead of shrinking), and show
+    // the whole width too when that costs at most a quarter of the scale.
     var fitH = (H - 16) / (height + 4), fitW = (W - 110) / (width + 4);
     var fit = fitW >= 0.75 * fitH ? Math.min(fitH, fitW) : fitH;
     var s = Math.min(1.6, Math.max(fit, 0.34, 40 / MINCOL));
