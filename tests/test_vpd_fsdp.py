@@ -84,7 +84,10 @@ def _resume_worker(rank, world, out, config_json):
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_bit_exactly(tmp_path):
     # Every stochastic part stays on: per-rank masks, routing, PPGD sources and RNG all live in the shards.
-    config = toy_config()
+    # The global CI transformer is sharded block by block and projection by projection.
+    cfg = toy_config()
+    ci = {"kind": "global_transformer", "d_model": 8, "n_heads": 2, "d_mlp": 16, "n_blocks": 2}
+    config = cfg.model_copy(update={"ci": cfg.ci.model_copy(update=ci)})
     run_ranks(_resume_worker, 2, tmp_path / "group", str(tmp_path), config.model_dump_json())
     whole = load_file(tmp_path / "whole" / "final.safetensors")
     resumed = load_file(tmp_path / "killed" / "final.safetensors")

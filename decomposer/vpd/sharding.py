@@ -2,10 +2,11 @@
 
 Every rank still processes its own slice of the batch (data parallelism); what changes is that each rank
 holds only 1/world of every V, U and CI parameter and of their AdamW state. Each `LinearComponents` is one
-FSDP unit, all-gathered when it runs and resharded after; the CI network is one unit per block (the global
-transformer) plus the rest. `component_acts`, `delta` and `weight_hat` are registered as forward methods,
-so they gather V and U like the masked forward does. Gradients are reduce-scattered (averaged) by FSDP, so
-the explicit all-reduce of plain data parallelism is not used. The frozen target is not sharded.
+FSDP unit, all-gathered when it runs and resharded after; the CI network is one unit per child module
+(each block and projection of the global transformer, each per-matrix MLP). `component_acts`, `delta` and
+`weight_hat` are registered as forward methods, so they gather V and U like the masked forward does.
+Gradients are reduce-scattered (averaged) by FSDP, so the explicit all-reduce of plain data parallelism is
+not used. The frozen target is not sharded.
 
 Sharded checkpoint (resumable only with the same number of ranks):
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.io import atomic_write_dir, atomic_write_json, resolve_atomic_dir
-from decomposer.vpd.run import Decomposition
+from decomposer.vpd.dtensors import is_dtensor, local_tensor
 
 FORMAT = "sharded_train_state"
 FORMAT_VERSION = 1
@@ -39,19 +40,13 @@ META_FILE = "sharded.json"
 STAGING_DIR = ".sharded.staging"
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def shard_decomposition(d: Decomposition, mesh=None) -> None:
+def shard_decomposition(d, mesh=None) -> None:
     """Shard every V, U and CI parameter of `d` over `mesh` (default: all ranks, 1-D), in place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise VpdError("Sharding needs a process group: launch with `torchrun`, or pass `shard=False`.")
+        raise VpdError("`shard` needs a process group: launch with `torchrun --nproc-per-node N`, or drop `--shard`.")
     if mesh is None:
         mesh = init_device_mesh(d.model_device.type, (dist.get_world_size(),))
     for path in d.module_paths:
@@ -59,36 +54,22 @@ def shard_decomposition(d: Decomposition, mesh=None) -> None:
         fully_shard(comp, mesh=mesh)
         for method in ("component_acts", "delta", "weight_hat"):
             register_fsdp_forward_method(comp, method)
-    # A global CI transformer gathers one block at a time; the remaining parameters form the last unit.
-    for block in getattr(d.ci_fn, "blocks", []):
-        fully_shard(block, mesh=mesh)
+    # The CI network is gathered one part at a time: each block of the global transformer, its in- and
+    # out-projections (at Llama scale each is larger than a block), or each per-matrix MLP.
+    for unit in _ci_units(d.ci_fn):
+        fully_shard(unit, mesh=mesh)
     fully_shard(d.ci_fn, mesh=mesh)
 
 
-def is_sharded(d: Decomposition) -> bool:
-    return _is_dtensor(d.model.components(d.module_paths[0]).V)
+def _ci_units(ci_fn: nn.Module) -> list[nn.Module]:
+    units = []
+    for child in ci_fn.children():
+        parts = list(child.children()) if isinstance(child, nn.ModuleList | nn.ModuleDict) else [child]
+        units.extend(p for p in parts if any(True for _ in p.parameters()))
+    return units
 
 
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor behind a sharded parameter (a collective: every rank must call it), else `t`."""
-    return t.full_tensor() if _is_dtensor(t) else t
-
-
-def load_full_into(param: nn.Parameter, value: Tensor) -> None:
-    """Copy a whole tensor into a parameter, keeping only this rank's shard when it is sharded."""
-    with torch.no_grad():
-        if _is_dtensor(param):
-            from torch.distributed.tensor import distribute_tensor
-
-            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-        param.copy_(value)
-
-
-def _local(t: Tensor) -> Tensor:
-    return (t.to_local() if _is_dtensor(t) else t).detach().contiguous()
-
-
-def _parameters(d: Decomposition) -> dict[str, nn.Parameter]:
+def _parameters(d) -> dict[str, nn.Parameter]:
     out = {}
     for path in d.module_paths:
         comp = d.model.components(path)
@@ -97,14 +78,14 @@ def _parameters(d: Decomposition) -> dict[str, nn.Parameter]:
     return out
 
 
-def local_state(d: Decomposition, train_state: dict[str, Tensor]) -> dict[str, Tensor]:
+def local_state(d, train_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """This rank's shards of the parameters plus `train_state` (optimizer, PPGD, RNG) as local tensors."""
-    state = {name: _local(p) for name, p in _parameters(d).items()}
-    state.update({k: _local(v) for k, v in train_state.items()})
+    state = {name: local_tensor(p) for name, p in _parameters(d).items()}
+    state.update({k: local_tensor(v) for k, v in train_state.items()})
     return state
 
 
-def save_sharded_state(run_dir: str | Path, d: Decomposition, *, step: int, state: dict[str, Tensor]) -> None:
+def save_sharded_state(run_dir: str | Path, d, *, step: int, state: dict[str, Tensor]) -> None:
     """Write every rank's `state` into one atomic `sharded/` folder (a collective: every rank must call it)."""
     run_dir = Path(run_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -160,11 +141,11 @@ def read_sharded_state(run_dir: str | Path) -> tuple[dict, dict[str, Tensor]] | 
     return meta, load_file(folder / f"rank{dist.get_rank()}.safetensors")
 
 
-def load_local_parameters(d: Decomposition, state: dict[str, Tensor]) -> None:
+def load_local_parameters(d, state: dict[str, Tensor]) -> None:
     """Copy this rank's saved shards into the sharded parameters of `d`."""
     with torch.no_grad():
         for name, p in _parameters(d).items():
-            (p.to_local() if _is_dtensor(p) else p).copy_(state[name])
+            (p.to_local() if is_dtensor(p) else p).copy_(state[name])
 
 
 def optimizer_state_as_params(opt: torch.optim.Optimizer, flat: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -178,7 +159,7 @@ def optimizer_state_as_params(opt: torch.optim.Optimizer, flat: dict[str, Tensor
             continue
         idx, _ = name[len(prefix) :].split(".", 1)
         p = params[int(idx)]
-        if _is_dtensor(p) and value.ndim > 0:
+        if is_dtensor(p) and value.ndim > 0:
             value = DTensor.from_local(
                 value.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )
