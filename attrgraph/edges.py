@@ -227,6 +227,9 @@ class Attribution:
 
 
 KINDS = ("emb", "comp", "delta", "logit")  # `EdgeTable.kind` holds indices into this tuple
+# The budget's first queues hold this many batches of targets between influence estimates; larger first
+# queues pick by the logits' direct inputs alone and miss influential nodes further down.
+QUEUE_BATCHES = 1
 
 
 @dataclass(frozen=True)
@@ -563,8 +566,9 @@ def _choose_and_run(rows: _Rows, graph: _Graph, logit_w: Tensor, K: int, budget:
 
     As circuit-tracer does: after each queue, the influence on the logits of every node is recomputed from the
     rows found so far (nodes whose rows are pending pass nothing on), and the next queue takes the unvisited
-    comp nodes of largest estimate. Our choice: the queue grows with the nodes already visited (at least 4
-    batches, then half of them), so the estimate is recomputed O(log budget) times.
+    comp nodes of largest estimate. Our choice: the queue grows with the nodes already visited (at least
+    `QUEUE_BATCHES` batches, then half of them), so the estimate is recomputed O(log budget) times; one backward
+    carries many targets (`_Rows.run`), so a queue costs a few backwards.
     """
     from tqdm.auto import tqdm
 
@@ -579,7 +583,7 @@ def _choose_and_run(rows: _Rows, graph: _Graph, logit_w: Tensor, K: int, budget:
             t, s, w = rows.coo()
             estimate = coo_series(graph.n, t, s, coo_normalized_abs(graph.n, t, w.double()), logit_w)
             estimate[~is_comp | visited] = -1.0
-            size = min(max(4 * K, done // 2), budget - done)
+            size = min(max(QUEUE_BATCHES * K, done // 2), budget - done)
             queue = estimate.topk(size).indices
             rows.run(queue, bar)
             visited[queue] = True

@@ -67,7 +67,7 @@ def estimate_peak_bytes(d: Decomposition, T: int, n_comp: int, settings: GraphSe
     K = settings.batch_size
     elem = 4 if d.model.components(d.module_paths[0]).V.dtype != torch.float64 else 8
     weights = sum(p.numel() for p in d.model.parameters()) * elem
-    per_layer = K * T * (16 * width + 6 * ff + 3 * heads * T)
+    per_layer = K * T * (8 * width + 4 * ff + 2 * heads * T)
     leaves = K * T * sum(d.model.components(p).U.shape[-1] for p in d.module_paths) * 3
     forward = (layers * per_layer + leaves) * elem * 2  # kept for backward, plus one backward's gradients
     n_nodes = n_comp + T * (len(d.module_paths) + 1) + settings.max_logits

@@ -15,16 +15,14 @@ CI-only steps at a higher lr so that it finishes in about a minute on two CPU co
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import networkx as nx
-
+from attrgraph.settings import L_MIN
 from decomposer.errors import VpdError
 
 PROMPT = "The princess lost her crown."
 TARGET = " her"
-GRAPH_TYPES = {"adversarial": 0.09, "ci": 1.0}  # graph type → λ_min (paper values, §4)
+GRAPH_TYPES = {t: L_MIN[t] for t in ("adversarial", "ci")}  # graph type → λ_min (paper values, §4)
 DEFAULT_STEPS = {"adversarial": 150, "ci": 300}
 # CI-only fitting is one forward per step; at lr 5e-2 its 300 steps reach what 1,000 steps at 1e-2 reach.
 LR = {"adversarial": 1e-2, "ci": 5e-2}
@@ -45,25 +43,15 @@ def position_before(tokenizer, prompt: str, target: str) -> int:
     return ids.index(target_ids[0], 1) - 1
 
 
-def _graph_for(d, tokenizer, ids, *, graph_type: str, steps: int, target_pos: int, label: int, labels: dict):
-    """(full graph, pruned graph, report) for one pruning type."""
-    from attrgraph.graph import build_graph
-    from attrgraph.optimize import faithfulness, optimize_ci
-    from attrgraph.prune import prune_graph
-    from attrgraph.qk import add_qk_pairs
+def _graph_for(d, tokenizer, *, graph_type: str, steps: int, target_pos: int, labels: dict):
+    """The `PromptGraph` of one pruning type: per-prompt optimisation, faithfulness, edges, pruning, q/k pairs."""
+    from attrgraph.pipeline import attribute_prompt
+    from attrgraph.settings import GraphSettings
 
-    result = optimize_ci(
-        d, ids, target_pos=target_pos, target_token=label, mode=graph_type, steps=steps, lr=LR[graph_type],
-        l_min=GRAPH_TYPES[graph_type], progress=True,
-    )  # fmt: skip
-    report = asdict(faithfulness(d, ids, result.g, target_pos=target_pos, target_token=label))
-    prompt_ids = ids[:, : target_pos + 1]
-    full = build_graph(
-        d, tokenizer, PROMPT, target_token=TARGET, target_pos=target_pos, ci=result.g, labels=labels, report=report
+    settings = GraphSettings(optimize=graph_type, steps=steps, lr=LR[graph_type], l_min=GRAPH_TYPES[graph_type])
+    return attribute_prompt(
+        d, tokenizer, PROMPT, target=TARGET, position=target_pos, settings=settings, labels=labels, progress=True
     )
-    full.graph["settings"].update(optimize=result.settings)
-    pruned = add_qk_pairs(prune_graph(full), d, prompt_ids)
-    return full, pruned, report
 
 
 def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[str, int] | None = None) -> dict:
@@ -78,10 +66,7 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
         A JSON-serialisable dict: prompt, target, read-out position, and per graph type the four
         probabilities, the node count, graph and pruned-graph sizes and the written files.
     """
-    from attrgraph.export import save_graph_json
-    from attrgraph.graph import resolve_prompt
     from attrgraph.labels import labels_for_run
-    from attrgraph.render import render_html, render_png
     from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
 
@@ -90,32 +75,23 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
     d, tokenizer, _ = load_run(run)
     labels = labels_for_run(resolve_run(run))
     target_pos = position_before(tokenizer, PROMPT, TARGET)
-    ids, target_pos, label, _ = resolve_prompt(d, tokenizer, PROMPT, TARGET, target_pos)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    graphs: dict[str, tuple[nx.DiGraph, nx.DiGraph, dict]] = {}
-    for graph_type in GRAPH_TYPES:
-        graphs[graph_type] = _graph_for(
-            d, tokenizer, ids, graph_type=graph_type, steps=steps[graph_type], target_pos=target_pos,
-            label=label, labels=labels,
-        )  # fmt: skip
+    graphs = {
+        graph_type: _graph_for(
+            d, tokenizer, graph_type=graph_type, steps=steps[graph_type], target_pos=target_pos, labels=labels
+        )
+        for graph_type in GRAPH_TYPES
+    }
 
     summary: dict = {"prompt": PROMPT, "target": TARGET, "target_pos": target_pos, "graphs": {}}
-    for graph_type, (full, pruned, report) in graphs.items():
+    for graph_type, graph in graphs.items():
+        report, pruned = graph.report, graph.pruned
         # Each page also shows the other graph's numbers, so the comparison is one glance away.
-        for other, (_, _, other_report) in graphs.items():
+        for other, other_graph in graphs.items():
             if other != graph_type:
                 for mode in ("ci", "stochastic", "adversarial"):
-                    pruned.graph["report"][f"{other}-pruned graph: {mode}"] = other_report[mode]
-        stem = f"princess.{graph_type}"
+                    pruned.graph["report"][f"{other}-pruned graph: {mode}"] = other_graph.report[mode]
         title = f"{PROMPT!r} → {TARGET!r} after ' lost', {graph_type}-pruned"
-        files = {
-            "graph": save_graph_json(full, out / f"{stem}.json"),
-            "pruned": save_graph_json(pruned, out / f"{stem}.pruned.json"),
-            "html": render_html(pruned, out / f"{stem}.html", title=title),
-            "png": render_png(pruned, out / f"{stem}.png"),
-        }
+        files = graph.save(out, stem=f"princess.{graph_type}", title=title)
         summary["graphs"][graph_type] = {
             "lambda_min": GRAPH_TYPES[graph_type],
             "steps": steps[graph_type],
@@ -125,8 +101,8 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
             "p_stochastic": report["stochastic"],
             "p_adversarial": report["adversarial"],
             "ci_nodes": report["n_nodes"],
-            "graph_nodes": full.number_of_nodes(),
-            "graph_edges": full.number_of_edges(),
+            "graph_nodes": graph.table.n,
+            "graph_edges": int(graph.table.targets.numel()),
             "pruned_nodes": pruned.number_of_nodes(),
             "pruned_edges": pruned.number_of_edges(),
             "qk_pairs": len(pruned.graph.get("qk_pairs", [])),

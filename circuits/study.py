@@ -51,9 +51,11 @@ from typing import NamedTuple
 
 import networkx as nx
 import pandas as pd
-import torch
 from transformers import PreTrainedTokenizerBase
 
+from attrgraph.edges import KINDS
+from attrgraph.pipeline import PromptGraph
+from attrgraph.settings import L_MIN
 from circuits.clustering import component_key
 from decomposer.errors import VpdError
 from decomposer.vpd.distributed import gather_shares, my_share, rank_and_world
@@ -62,7 +64,6 @@ from decomposer.vpd.run import Decomposition
 logger = logging.getLogger(__name__)
 
 GRAPH_TYPES = ("ci", "adversarial", "network")
-L_MIN = {"ci": 1.0, "adversarial": 0.09}  # the paper's princess settings (attribution-graphs.md §4)
 COLUMNS = (
     "prompt", "target", "target_pos", "graph_type", "p_target", "p_ci", "p_stochastic", "p_adversarial",
     "n_nodes", "n_edges", "n_nodes_pruned", "n_edges_pruned", "pair_id", "shared_nodes", "seconds",
@@ -152,14 +153,32 @@ def parse_graph_types(spec: str | Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class StudyGraph:
-    """One prompt's graph of one type, its influence-pruned view and the faithfulness report."""
+    """One prompt's graph of one type (`attrgraph.PromptGraph`), the faithfulness report and the read-out."""
 
-    graph: nx.DiGraph
-    pruned: nx.DiGraph
+    prompt_graph: PromptGraph
     report: dict
     target: str
     target_pos: int
     seconds: float
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The full graph as networkx (built on each access)."""
+        return self.prompt_graph.full_networkx()
+
+    @property
+    def pruned(self) -> nx.DiGraph:
+        return self.prompt_graph.pruned
+
+    def component_keys(self) -> set[str]:
+        """The component keys (`1.attn.q:31`) of the graph's subcomponent nodes, from its node table."""
+        table = self.prompt_graph.table
+        comp = (table.kind == KINDS.index("comp")).nonzero().squeeze(1).tolist()
+        module, index = table.module.tolist(), table.index.tolist()
+        return {component_key(table.module_paths[module[i]], index[i]) for i in comp}
+
+    def n_comp(self) -> int:
+        return int((self.prompt_graph.table.kind == KINDS.index("comp")).sum())
 
 
 def component_keys(G: nx.DiGraph) -> set[str]:
@@ -169,10 +188,6 @@ def component_keys(G: nx.DiGraph) -> set[str]:
 
 def _n_comp(G: nx.DiGraph) -> int:
     return sum(1 for _, kind in G.nodes(data="kind") if kind == "comp")
-
-
-def _network_ci(d: Decomposition, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {p: v[0] for p, v in d.network_ci(ids).items()}
 
 
 def study_prompt(
@@ -211,35 +226,30 @@ def study_prompt(
     Raises:
         VpdError: Bad prompt, target or graph type, or bad settings.
     """
-    from attrgraph.graph import build_graph, resolve_prompt
-    from attrgraph.optimize import faithfulness, optimize_ci
-    from attrgraph.prune import prune_graph
+    from attrgraph.pipeline import attribute_prompt
+    from attrgraph.settings import graph_settings
 
     (graph_type,) = parse_graph_types([graph_type])
     start = time.perf_counter()
-    ids, pos, label, _ = resolve_prompt(d, tokenizer, prompt, target, None)
-    ids = ids[:, : pos + 1].to(d.model_device)
-    if graph_type == "network":
-        g = _network_ci(d, ids)
-    else:
-        g = optimize_ci(
-            d, ids, target_pos=pos, target_token=label, mode=graph_type, steps=optimize_steps,
-            l_min=L_MIN[graph_type] if l_min is None else l_min, pgd_steps=pgd_steps, seed=seed,
-        ).g  # fmt: skip
-    rep = faithfulness(
-        d, ids, g, target_pos=pos, target_token=label, n_samples=n_samples, pgd_steps=pgd_steps, restarts=restarts,
-        seed=seed,
+    settings = graph_settings(
+        optimize="none" if graph_type == "network" else graph_type, steps=optimize_steps, l_min=l_min,
+        node_threshold=node_threshold, edge_threshold=edge_threshold, n_samples=n_samples, pgd_steps=pgd_steps,
+        restarts=restarts, seed=seed, report=True, qk_top=0,
     )  # fmt: skip
-    report = {"target": rep.target, "ci": rep.ci, "stochastic": rep.stochastic, "adversarial": rep.adversarial}
-    report.update(pgd_steps=rep.pgd_steps, restarts=rep.restarts, graph_type=graph_type)
-    graph = build_graph(d, tokenizer, prompt, target_token=target, target_pos=pos, ci=g, report=report)
-    pruned = prune_graph(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    graph = attribute_prompt(d, tokenizer, prompt, target=target, settings=settings)
+    rep = graph.report
+    report = {
+        "target": rep["target"],
+        "ci": rep["ci"],
+        "stochastic": rep["stochastic"],
+        "adversarial": rep["adversarial"],
+    }
+    report.update(pgd_steps=rep["pgd_steps"], restarts=rep["restarts"], graph_type=graph_type)
     return StudyGraph(
-        graph=graph,
-        pruned=pruned,
+        prompt_graph=graph,
         report=report,
-        target=tokenizer.decode([label]),
-        target_pos=pos,
+        target=graph.target_text,
+        target_pos=graph.target_pos,
         seconds=time.perf_counter() - start,
     )
 
@@ -350,11 +360,11 @@ def run_study(
             done.append((i, graph_type, {
                 "prompt": prompt, "target": res.target, "target_pos": res.target_pos, "graph_type": graph_type,
                 "p_target": res.report["target"], "p_ci": res.report["ci"], "p_stochastic": res.report["stochastic"],
-                "p_adversarial": res.report["adversarial"], "n_nodes": _n_comp(res.graph),
-                "n_edges": res.graph.number_of_edges(), "n_nodes_pruned": _n_comp(res.pruned),
+                "p_adversarial": res.report["adversarial"], "n_nodes": res.n_comp(),
+                "n_edges": int(res.prompt_graph.table.targets.numel()), "n_nodes_pruned": _n_comp(res.pruned),
                 "n_edges_pruned": res.pruned.number_of_edges(), "pair_id": pair_of.get(i), "shared_nodes": None,
                 "seconds": res.seconds,
-            }, component_keys(res.graph)))  # fmt: skip
+            }, res.component_keys()))  # fmt: skip
             logger.info("study: %r %s: %d nodes, %.1f s", prompt, graph_type, done[-1][2]["n_nodes"], res.seconds)
     done = gather_shares(done)
     rows = [row for _, _, row, _ in done]
