@@ -267,6 +267,125 @@ def _blocks(firing: Firing, within_matrix: bool) -> list[_Block]:
     return blocks
 
 
+def _check_cluster_args(
+    firing: Firing, alpha: float, rank_costs: Sequence[float] | None, max_merges: int | None
+) -> Tensor:
+    """ρ per column, float64 (n,), after checking every argument of `cluster`."""
+    N, n = firing.F.shape
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+        raise VpdError(f"`alpha` must be a positive number of bits per unit of rank; got {alpha!r}. Try 1.0.")
+    if max_merges is not None and max_merges < 0:
+        raise VpdError(f"`max_merges` must be ≥ 0 or None; got {max_merges}.")
+    if n == 0:
+        raise VpdError("`firing` has no columns: no subcomponent fires. Lower `tau` or pass more tokens.")
+    if N >= 2**24:
+        raise VpdError(f"The firing matrix has {N:,} tokens; co-firing counts are exact only below 2**24. Use fewer.")
+    r = torch.ones(n, dtype=torch.float64) if rank_costs is None else torch.tensor(rank_costs, dtype=torch.float64)
+    if r.shape != (n,) or not bool((r > 0).all()):
+        raise VpdError(f"`rank_costs` must hold one positive number per column ({n}); got shape {tuple(r.shape)}.")
+    return r
+
+
+class _Merger:
+    """The state of the greedy merging: groups, their sizes s_g and ranks r_g, and each row's best partner.
+
+    A group is named by its first column. `bound[i]` is a lower bound on row i's best merge score, exact when
+    `stamp[i]` equals the current K; `best[i]` is the partner that attains it.
+    """
+
+    def __init__(self, firing: Firing, r: Tensor, alpha: float, within_matrix: bool) -> None:
+        n = firing.F.shape[1]
+        self.alpha, self.r = alpha, r
+        self.blocks = _blocks(firing, within_matrix)
+        self.block_of = torch.empty(n, dtype=torch.long)
+        self.local = torch.empty(n, dtype=torch.long)
+        self.s = torch.empty(n, dtype=torch.float64)
+        for k, blk in enumerate(self.blocks):
+            self.block_of[blk.cols] = k
+            self.local[blk.cols] = torch.arange(len(blk.cols))
+            self.s[blk.cols] = blk.C.diagonal().to(torch.float64)
+        self.active = torch.ones(n, dtype=torch.bool)
+        self.owner = torch.arange(n)
+        # Σ s_g and Σ s_g r_g over the groups, kept in step with every merge.
+        self.S, self.SR = float(self.s.sum()), float((self.s * r).sum())
+        self.K = n
+        self.bound = torch.full((n,), math.inf, dtype=torch.float64)
+        self.best = torch.zeros(n, dtype=torch.long)
+        self.stamp = torch.full((n,), n, dtype=torch.long)  # the K at which a row's bound was exact
+        if n > 1:
+            for blk in self.blocks:
+                for rows in torch.arange(len(blk.cols)).split(_ROW_CHUNK):
+                    value, k = self.scores(blk, rows, math.log2(n - 1)).min(dim=1)
+                    self.bound[blk.cols[rows]], self.best[blk.cols[rows]] = value, blk.cols[k]
+
+    def cost(self) -> float:
+        """L = log2(K) Σ s_g + α Σ s_g r_g of the current partition."""
+        return math.log2(self.K) * self.S + self.alpha * self.SR
+
+    def scores(self, blk: _Block, rows: Tensor, b: float) -> Tensor:
+        """α·D − b·c for the local `rows` × all groups of `blk`; non-candidates (self, merged away) are inf."""
+        s, r, cols = self.s, self.r, blk.cols
+        c = blk.C[rows].to(torch.float64)
+        si, ri = s[cols[rows], None], r[cols[rows], None]
+        sc = self.alpha * (si * r[cols][None] + s[cols][None] * ri - c * (ri + r[cols][None])) - b * c
+        dead = ~self.active[cols][None, :] | (rows[:, None] == torch.arange(len(cols))[None, :])
+        return sc.masked_fill(dead, math.inf)
+
+    def best_row(self) -> int:
+        """The row whose best merge scores lowest at this K (its bound may be inf: no candidate is left)."""
+        K, bound, stamp = self.K, self.bound, self.stamp
+        b = math.log2(K - 1)
+        # Lazy greedy: a row's bound from an older step is ≤ its current minimum, so the smallest
+        # bound that is exact at this K is the global minimum.
+        while True:
+            i = int(bound.argmin())
+            if int(stamp[i]) == K or not math.isfinite(float(bound[i])):
+                return i
+            # Re-scan row i together with the block's other stale rows of smallest bound: they are
+            # likely next, and one vectorised scan costs about as much as one row.
+            blk = self.blocks[int(self.block_of[i])]
+            stale = (stamp[blk.cols] != K) & self.active[blk.cols]
+            n_rows = min(max(1, _RESCAN // len(blk.cols)), int(stale.sum()))
+            rows = bound[blk.cols].masked_fill(~stale, math.inf).topk(n_rows, largest=False)
+            value, k = self.scores(blk, rows.indices, b).min(dim=1)
+            ids = blk.cols[rows.indices]
+            bound[ids], self.best[ids], stamp[ids] = value, blk.cols[k], K
+
+    def merge(self, i: int, delta: float) -> MergeStep:
+        """Merge row i's group with its best partner into the group of the smaller column; one step of history."""
+        s, r = self.s, self.r
+        a, j = sorted((i, int(self.best[i])))
+        blk = self.blocks[int(self.block_of[a])]
+        la, lj = int(self.local[a]), int(self.local[j])
+        c_aj = float(blk.C[la, lj])
+        # c_{a∪j, k} = c_ak + |(g_j ∖ g_a) ∩ g_k|: one product over the tokens only group j covers.
+        only_j = blk.G[:, lj] & ~blk.G[:, la]
+        row = blk.C[la] + blk.G[only_j].to(torch.float32).sum(dim=0)
+        blk.G[:, la] |= blk.G[:, lj]
+        self.SR -= float(s[a] * r[a] + s[j] * r[j])
+        self.S -= c_aj
+        s[a] = s[a] + s[j] - c_aj
+        r[a] = r[a] + r[j]
+        self.SR += float(s[a] * r[a])
+        row[la] = float(s[a])
+        blk.C[la, :] = row
+        blk.C[:, la] = row
+        self.active[j] = False
+        self.owner[self.owner == j] = a
+        self.bound[j] = math.inf
+        self.K -= 1
+        step = MergeStep(a=a, b=j, delta=delta, cost=self.cost(), tokens=int(s[a]))
+        if self.K > 1:
+            # Row a is new; for every other row k of the block, the pair (k, a) is the only entry that
+            # changed, and if it beats k's old bound it is k's exact minimum now.
+            new = self.scores(blk, torch.tensor([la]), math.log2(self.K - 1))[0]
+            self.bound[a], self.best[a], self.stamp[a] = new.min(), blk.cols[new.argmin()], self.K
+            better = new < self.bound[blk.cols]
+            cols = blk.cols[better]
+            self.bound[cols], self.best[cols], self.stamp[cols] = new[better], a, self.K
+        return step
+
+
 def cluster(
     firing: Firing,
     *,
@@ -295,121 +414,39 @@ def cluster(
     from tqdm.auto import tqdm
 
     N, n = firing.F.shape
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
-        raise VpdError(f"`alpha` must be a positive number of bits per unit of rank; got {alpha!r}. Try 1.0.")
-    if max_merges is not None and max_merges < 0:
-        raise VpdError(f"`max_merges` must be ≥ 0 or None; got {max_merges}.")
-    if n == 0:
-        raise VpdError("`firing` has no columns: no subcomponent fires. Lower `tau` or pass more tokens.")
-    if N >= 2**24:
-        raise VpdError(f"The firing matrix has {N:,} tokens; co-firing counts are exact only below 2**24. Use fewer.")
-    r = torch.ones(n, dtype=torch.float64) if rank_costs is None else torch.tensor(rank_costs, dtype=torch.float64)
-    if r.shape != (n,) or not bool((r > 0).all()):
-        raise VpdError(f"`rank_costs` must hold one positive number per column ({n}); got shape {tuple(r.shape)}.")
-
-    blocks = _blocks(firing, within_matrix)
-    block_of = torch.empty(n, dtype=torch.long)
-    local = torch.empty(n, dtype=torch.long)
-    s = torch.empty(n, dtype=torch.float64)
-    for k, blk in enumerate(blocks):
-        block_of[blk.cols] = k
-        local[blk.cols] = torch.arange(len(blk.cols))
-        s[blk.cols] = blk.C.diagonal().to(torch.float64)
-    active = torch.ones(n, dtype=torch.bool)
-    owner = torch.arange(n)
-    S, SR = float(s.sum()), float((s * r).sum())  # Σ s_g and Σ s_g r_g over the groups, kept in step
-
-    def scores(blk: _Block, rows: Tensor, b: float) -> Tensor:
-        """α·D − b·c for the local `rows` × all groups of `blk`; non-candidates (self, merged away) are inf."""
-        cols = blk.cols
-        c = blk.C[rows].to(torch.float64)
-        si, ri = s[cols[rows], None], r[cols[rows], None]
-        sc = alpha * (si * r[cols][None] + s[cols][None] * ri - c * (ri + r[cols][None])) - b * c
-        dead = ~active[cols][None, :] | (rows[:, None] == torch.arange(len(cols))[None, :])
-        return sc.masked_fill(dead, math.inf)
-
-    K = n
-    bound = torch.full((n,), math.inf, dtype=torch.float64)
-    best = torch.zeros(n, dtype=torch.long)
-    stamp = torch.full((n,), K, dtype=torch.long)  # the K at which a row's bound was exact
-    if K > 1:
-        for blk in blocks:
-            for rows in torch.arange(len(blk.cols)).split(_ROW_CHUNK):
-                value, k = scores(blk, rows, math.log2(K - 1)).min(dim=1)
-                bound[blk.cols[rows]], best[blk.cols[rows]] = value, blk.cols[k]
-    cost_initial = math.log2(K) * S + alpha * SR
+    r = _check_cluster_args(firing, alpha, rank_costs, max_merges)
+    m = _Merger(firing, r, alpha, within_matrix)
+    cost_initial = m.cost()
     history: list[MergeStep] = []
     limit = n - 1 if max_merges is None else min(max_merges, n - 1)
     stopped = None
     bar = tqdm(total=limit, desc="merge", disable=not progress)
     while len(history) < limit:
-        b = math.log2(K - 1)
-        # Lazy greedy: a row's bound from an older step is ≤ its current minimum, so the smallest
-        # bound that is exact at this K is the global minimum.
-        while True:
-            i = int(bound.argmin())
-            if int(stamp[i]) == K or not math.isfinite(float(bound[i])):
-                break
-            # Re-scan row i together with the block's other stale rows of smallest bound: they are
-            # likely next, and one vectorised scan costs about as much as one row.
-            blk = blocks[int(block_of[i])]
-            stale = (stamp[blk.cols] != K) & active[blk.cols]
-            n_rows = min(max(1, _RESCAN // len(blk.cols)), int(stale.sum()))
-            rows = bound[blk.cols].masked_fill(~stale, math.inf).topk(n_rows, largest=False)
-            value, k = scores(blk, rows.indices, b).min(dim=1)
-            ids = blk.cols[rows.indices]
-            bound[ids], best[ids], stamp[ids] = value, blk.cols[k], K
-        if not math.isfinite(float(bound[i])):
+        i = m.best_row()
+        if not math.isfinite(float(m.bound[i])):
             stopped = "no_candidates"
             break
-        delta = S * (math.log2(K - 1) - math.log2(K)) + float(bound[i])
+        delta = m.S * (math.log2(m.K - 1) - math.log2(m.K)) + float(m.bound[i])
         if delta >= 0:
             stopped = "no_gain"
             break
-        a, j = sorted((i, int(best[i])))
-        blk = blocks[int(block_of[a])]
-        la, lj = int(local[a]), int(local[j])
-        c_aj = float(blk.C[la, lj])
-        # c_{a∪j, k} = c_ak + |(g_j ∖ g_a) ∩ g_k|: one product over the tokens only group j covers.
-        only_j = blk.G[:, lj] & ~blk.G[:, la]
-        row = blk.C[la] + blk.G[only_j].to(torch.float32).sum(dim=0)
-        blk.G[:, la] |= blk.G[:, lj]
-        SR -= float(s[a] * r[a] + s[j] * r[j])
-        S -= c_aj
-        s[a] = s[a] + s[j] - c_aj
-        r[a] = r[a] + r[j]
-        SR += float(s[a] * r[a])
-        row[la] = float(s[a])
-        blk.C[la, :] = row
-        blk.C[:, la] = row
-        active[j] = False
-        owner[owner == j] = a
-        bound[j] = math.inf
-        K -= 1
-        history.append(MergeStep(a=a, b=j, delta=delta, cost=math.log2(K) * S + alpha * SR, tokens=int(s[a])))
+        history.append(m.merge(i, delta))
         bar.update(1)
-        if K > 1:
-            # Row a is new; for every other row k of the block, the pair (k, a) is the only entry that
-            # changed, and if it beats k's old bound it is k's exact minimum now.
-            new = scores(blk, torch.tensor([la]), math.log2(K - 1))[0]
-            bound[a], best[a], stamp[a] = new.min(), blk.cols[new.argmin()], K
-            better = new < bound[blk.cols]
-            bound[blk.cols[better]], best[blk.cols[better]], stamp[blk.cols[better]] = new[better], a, K
     bar.close()
     if stopped is None:
         stopped = "max_merges" if len(history) == max_merges else "single_cluster"
 
-    reps = sorted(set(owner.tolist()))
+    reps = sorted(set(m.owner.tolist()))
     relabel = {rep: k for k, rep in enumerate(reps)}
     logger.info("cluster: %d subcomponents → %d clusters in %d merges (%s)", n, len(reps), len(history), stopped)
     return Clustering(
         keys=list(firing.keys),
-        labels=[relabel[o] for o in owner.tolist()],
-        tokens=[int(s[rep]) for rep in reps],
-        ranks=[float(r[rep]) for rep in reps],
+        labels=[relabel[o] for o in m.owner.tolist()],
+        tokens=[int(m.s[rep]) for rep in reps],
+        ranks=[float(m.r[rep]) for rep in reps],
         history=history,
         cost_initial=cost_initial,
-        cost=math.log2(K) * S + alpha * SR,
+        cost=m.cost(),
         alpha=float(alpha),
         within_matrix=within_matrix,
         stopped=stopped,
