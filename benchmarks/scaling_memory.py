@@ -10,7 +10,7 @@ head r → Σ C. Training keeps fp32 parameters, fp32 gradients and AdamW's two 
 trainable parameter, which FSDP2 shards over the ranks. Every rank also holds the frozen target (bf16) and
 the decomposition's fp32 copy of each decomposed W (`LinearComponents.weight`), which are not sharded.
 
-Usage: python benchmarks/scaling_memory.py [--gpu-gb 80] [--reserve-gb 16] [--ci-width 2] [--ci-blocks 4]
+Usage: python benchmarks/scaling_memory.py [--gpu-gb 80] [--reserve-gb 16] [--ci-width 2] [--ci-blocks 4] [--split]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def up32(x: float) -> int:
     return int(math.ceil(x / 32) * 32)
 
 
-def sizes(name: str, ci_width: float, ci_blocks: int) -> dict[str, float]:
+def sizes(name: str, ci_width: float, ci_blocks: int, split: bool = False) -> dict[str, float]:
     d, layers, heads, kv_heads, d_mlp, vocab, tied = MODELS[name]
     kv = kv_heads * (d // heads)
     shape = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, d_mlp), "up": (d, d_mlp),
@@ -45,7 +45,12 @@ def sizes(name: str, ci_width: float, ci_blocks: int) -> dict[str, float]:
     block = 4 * r * r + (r * 4 * r + 4 * r) + (4 * r * r + r)
     ci = (D * r + r) + ci_blocks * block + (r * sum_c + sum_c)
     target = w + vocab * d * (1 if tied else 2)
-    return {"W": w, "target": target, "uv": uv, "ci": ci, "C_total": sum_c, "D": D, "r": r, **C}
+    # FSDP2 gathers one unit whole: the largest is the CI head (r × ΣC) or in-proj (D × r), or the down matrix.
+    # With `split`, in-proj and head are one Linear per decomposed matrix (the same function: the in-proj is a
+    # sum over the matrices' inputs and the head's output is split per matrix anyway), so each is its own unit.
+    projections = (r * max(C.values()), d_mlp * r) if split else (r * sum_c + sum_c, D * r + r)
+    largest = max(*projections, block, C["down"] * (d + d_mlp))
+    return {"W": w, "target": target, "uv": uv, "ci": ci, "C_total": sum_c, "D": D, "r": r, "largest": largest, **C}
 
 
 def main() -> None:
@@ -54,14 +59,16 @@ def main() -> None:
     ap.add_argument("--reserve-gb", type=float, default=16.0, help="per GPU for activations and gathers (default 16)")
     ap.add_argument("--ci-width", type=float, default=2.0, help="CI residual width / d_model (default 2)")
     ap.add_argument("--ci-blocks", type=int, default=4, help="CI transformer blocks (default 4)")
+    ap.add_argument("--split", action="store_true", help="CI in-proj and head as one Linear per decomposed matrix")
     args = ap.parse_args()
     for name in MODELS:
-        s = sizes(name, args.ci_width, args.ci_blocks)
+        s = sizes(name, args.ci_width, args.ci_blocks, args.split)
         trainable = s["uv"] + s["ci"]
         state = 16 * trainable  # fp32 param + grad + AdamW exp_avg + exp_avg_sq
         replicated = 2 * s["target"] + 4 * s["W"]  # bf16 target + fp32 copies of the decomposed W
-        room = args.gpu_gb * GB - replicated - args.reserve_gb * GB
-        gpus = math.ceil(state / room) if room > 0 else float("inf")
+        gathered = 8 * s["largest"]  # the largest unit's fp32 parameters and, in backward, its gradient
+        room = args.gpu_gb * GB - replicated - gathered - args.reserve_gb * GB
+        gpus = math.ceil(state / room) if room > 0 else None
         print(f"{name}: target {s['target'] / 1e9:.2f} B params ({s['W'] / 1e9:.2f} B decomposed)")
         print(f"  C per layer: q,k {s['q']}  v,o {s['v']}  gate,up {s['gate']}  down {s['down']}; "
               f"total C {s['C_total']:,}")  # fmt: skip
@@ -72,9 +79,14 @@ def main() -> None:
               f"all training state {state / GB:.1f} GB")  # fmt: skip
         print(f"  replicated per GPU: target bf16 {2 * s['target'] / GB:.1f} GB + fp32 W copies "
               f"{4 * s['W'] / GB:.1f} GB = {replicated / GB:.1f} GB")  # fmt: skip
-        print(f"  unsharded (DDP) needs {(state + replicated) / GB + args.reserve_gb:.0f} GB per GPU; "
-              f"FSDP2 on {args.gpu_gb:.0f} GB GPUs with {args.reserve_gb:.0f} GB reserved: {gpus} GPUs "
-              f"({state / gpus / GB:.1f} GB of shards each)")  # fmt: skip
+        print(f"  largest FSDP unit {s['largest'] / 1e9:.2f} B params: {gathered / GB:.1f} GB gathered with its grad")
+        print(f"  unsharded (DDP) needs {(state + replicated) / GB + args.reserve_gb:.0f} GB per GPU")
+        if gpus is None:
+            print(f"  FSDP2 alone does not fit {args.gpu_gb:.0f} GB GPUs: the largest unit plus the replicated "
+                  f"tensors and {args.reserve_gb:.0f} GB reserve exceed one GPU")  # fmt: skip
+        else:
+            print(f"  FSDP2 on {args.gpu_gb:.0f} GB GPUs with {args.reserve_gb:.0f} GB reserved: {gpus} GPUs "
+                  f"({state / gpus / GB:.1f} GB of shards each)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,9 +4,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from decomposer.errors import VpdError
 from decomposer.vpd.train import decompose
 from tests.conftest import toy_batches, toy_config, toy_target
 from tests.ranks import rank_slice, run_ranks
+
+
+def test_sharding_without_a_process_group_is_refused(tmp_path):
+    with pytest.raises(VpdError, match="launch with `torchrun"):
+        decompose(toy_config(steps=1), tmp_path, target=toy_target(), batches=toy_batches, shard=True)
 
 
 class _Stop(Exception):

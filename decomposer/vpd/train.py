@@ -8,6 +8,9 @@
    every `checkpoint_every` steps: U, V, CI parameters, optimizer, PPGD state and RNG state, so a
    resumed run ends bit-identical to an uninterrupted one.
 5. At the end: the final checkpoint and PNG plots.
+
+With `shard=True` (sharding.py) U, V, the CI network and their AdamW state are sharded across the ranks
+with FSDP2, each checkpoint is also written per rank into `sharded/`, and a resume reads it back.
 """
 
 from __future__ import annotations
@@ -138,6 +141,8 @@ def decompose(
 
     out = Path(out)
     rank, world = _world()
+    if shard and not (dist.is_available() and dist.is_initialized()):
+        raise VpdError("`shard` needs a process group: launch with `torchrun --nproc-per-node N`, or drop `--shard`.")
     cfg = config
     if target is None:
         from decomposer.target.loading import load_target
