@@ -1,7 +1,9 @@
 """attrgraph: per-prompt attribution graphs between VPD subcomponents.
 
-Node ids, pruning, export and rendering of graphs held as `networkx.DiGraph`s (conventions in
-`attrgraph.export`). Public names load lazily so `import attrgraph` stays cheap.
+`attribute_prompt(d, tokenizer, prompt, settings=GraphSettings())` is the pipeline: it returns a
+`PromptGraph` whose graph stays tensors (`EdgeTable`: node table and COO edges) until pruning, and whose
+pruned graph is a `networkx.DiGraph` (conventions in `attrgraph.export`). Public names load lazily so
+`import attrgraph` stays cheap.
 """
 
 from __future__ import annotations
@@ -9,6 +11,15 @@ from __future__ import annotations
 from decomposer.lazy import lazy_getattr
 
 _EXPORTS = {
+    "attribute_prompt": "attrgraph.pipeline",
+    "PromptGraph": "attrgraph.pipeline",
+    "GraphSettings": "attrgraph.settings",
+    "graph_settings": "attrgraph.settings",
+    "EdgeTable": "attrgraph.edges",
+    "attribute_edges": "attrgraph.edges",
+    "save_full_graph": "attrgraph.artifact",
+    "load_full_graph": "attrgraph.artifact",
+    "prune_coo": "attrgraph.prune",
     "Attribution": "attrgraph.edges",
     "attribute": "attrgraph.edges",
     "attribute_reference": "attrgraph.edges",
