@@ -59,16 +59,17 @@ def _harvest(args: argparse.Namespace) -> None:
         raise VpdError(
             f"`--out` is required because the run folder {run_dir} is read-only or the bundled run; pass `--out DIR`."
         )
-    d, tokenizer, _ = load_run(args.run)
-    if torch.cuda.is_available():  # the pass runs where the decomposition lives
-        d.model.to("cuda")
-        d.ci_fn.to("cuda")
-    cfg = d.config
-    batch_size = args.batch_size or cfg.optim.batch_size
-    windows = run_heldout_windows(cfg, tokenizer, target=d.model.target, n_tokens=args.tokens)
-    seq_len, batches = windows.shape[1], list(windows.split(batch_size))
-    # Under torchrun the ranks share the forwards and rank 0 holds the counts, writes and reports them.
+    # Under torchrun (which also picks each rank's GPU) the ranks share the forwards, and rank 0 holds the
+    # counts, writes and reports them.
     with torchrun_group() as (rank, _):
+        d, tokenizer, _ = load_run(args.run)
+        if torch.cuda.is_available():  # the pass runs where the decomposition lives
+            d.model.to("cuda")
+            d.ci_fn.to("cuda")
+        cfg = d.config
+        batch_size = args.batch_size or cfg.optim.batch_size
+        windows = run_heldout_windows(cfg, tokenizer, target=d.model.target, n_tokens=args.tokens)
+        seq_len, batches = windows.shape[1], list(windows.split(batch_size))
         h = harvest(d, batches, tokenizer=tokenizer, tau_fire=args.tau, progress=True)
     if rank != 0:
         return

@@ -11,7 +11,7 @@ not used. The frozen target is not sharded.
 Sharded checkpoint (resumable only with the same number of ranks):
 
     runs/NAME/sharded/            written atomically as one directory
-      sharded.json                format, format_version, world, step, config
+      sharded.json                format, format_version, world, step, config, target_weights_sha256
       rank<R>.safetensors         rank R's local shards of V, U, CI parameters and AdamW state,
                                   its PPGD sources and state, and its RNG state
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.io import atomic_write_dir, atomic_write_json, resolve_atomic_dir
 from decomposer.vpd.dtensors import is_dtensor, local_tensor
+from decomposer.vpd.run import weights_sha256
 
 FORMAT = "sharded_train_state"
 FORMAT_VERSION = 1
@@ -108,6 +109,7 @@ def save_sharded_state(run_dir: str | Path, d, *, step: int, state: dict[str, Te
                 "world": world,
                 "step": step,
                 "config": d.config.model_dump(mode="json"),
+                "target_weights_sha256": weights_sha256(d.model),
             }
             atomic_write_json(folder / META_FILE, meta)
 

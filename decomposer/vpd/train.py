@@ -31,7 +31,14 @@ from decomposer.io import resolve_atomic_dir
 from decomposer.optim_state import load_optimizer_tensors, optimizer_tensors
 from decomposer.vpd.batches import BatchFn, lm_train_batches, run_eval_batches, train_tokens
 from decomposer.vpd.config import DecomposeConfig
-from decomposer.vpd.run import METRICS_FILE, STATE_DIR, Decomposition, load_decomposition, save_state
+from decomposer.vpd.run import (
+    METRICS_FILE,
+    STATE_DIR,
+    Decomposition,
+    load_decomposition,
+    save_state,
+    weights_sha256,
+)
 from decomposer.vpd.sharding import (
     SHARDED_DIR,
     load_local_parameters,
@@ -176,6 +183,8 @@ def decompose(
         if meta["config"] != cfg.model_dump(mode="json"):
             raise VpdError(f"The checkpoint in {out} was written with a different config. Use a new `--out` folder.")
         d, start = Decomposition.create(cfg, target), meta["step"]
+        if weights_sha256(d.model) != meta["target_weights_sha256"]:
+            raise VpdError(f"The sharded checkpoint in {out} decomposes another target. Resume with the same model.")
     elif resume:
         if resolve_atomic_dir(out / SHARDED_DIR) is not None:
             raise VpdError(f"The run in {out} was trained sharded. Resume it with `--shard` and the same ranks.")
