@@ -168,7 +168,8 @@ def main() -> None:
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
     print(
-        "| case | tokens | device | wall | in-process | CPU time | peak RSS | peak GPU | alive | nodes | edges | pruned |"
+        "| case | tokens | device | wall | in-process | CPU time | peak RSS | peak GPU | alive | nodes | edges "
+        "| pruned |"
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case, n, dev, r in rows:
