@@ -4,10 +4,12 @@
 
 Builds the edges of one prompt on the bundled target twice in one process, with `attribute` and
 `attribute_reference`, checks that they agree, and prints the node count, both times and their
-ratio. Without `--run` it uses a freshly initialised decomposition from `configs/smoke.yaml`,
-whose CI is dense, so `--ci-threshold` keeps only the subcomponents above that CI. Last, it times
-`build_graph` end to end on the same prompt (the CI network's own g > 0 picks the nodes there, no
-threshold), as `vpd graph` runs it.
+ratio. `attribute` packs one target per position and one o target per block into each prompt copy
+of a backward (`attrgraph.edges._Rows`); the reference runs one backward per target node. Without
+`--run` it uses a freshly initialised decomposition from `configs/smoke.yaml`, whose CI is dense, so
+`--ci-threshold` keeps only the subcomponents above that CI. Last, it times `attribute_prompt` end
+to end on the same prompt (the CI network's own g > 0 picks the nodes there, no threshold; edges,
+pruning and q/k pairs, no files), as `vpd graph` runs it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import torch
 
 from attrgraph.edges import attribute, attribute_reference
-from attrgraph.graph import build_graph
+from attrgraph.pipeline import attribute_prompt
 from decomposer.target.loading import load_target
 from decomposer.vpd.config import load_decompose_config
 from decomposer.vpd.run import Decomposition, load_decomposition
@@ -59,9 +61,13 @@ def main() -> None:
 
     prompt = tokenizer.decode(ids[0])
     start = time.perf_counter()
-    G = build_graph(d, tokenizer, prompt, batch_size=args.batch_size)
+    graph = attribute_prompt(d, tokenizer, prompt)
     t_graph = time.perf_counter() - start
-    print(f"build_graph end to end: {t_graph:.2f} s ({G.number_of_nodes():,} nodes, {G.number_of_edges():,} edges)")
+    s = graph.summary()
+    print(
+        f"attribute_prompt end to end: {t_graph:.2f} s ({s['nodes']:,} nodes, {s['edges']:,} edges; pruned "
+        f"{s['pruned_nodes']:,} nodes, {s['pruned_edges']:,} edges)"
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
 

@@ -351,3 +351,33 @@ def test_errors(llama):
         attribute(d, tokens, ci={})
     with pytest.raises(VpdError, match="batch_size"):
         attribute(d, tokens, ci=ci, batch_size=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+def test_batched_graphs_pack_several_targets_per_copy(family, request):
+    """The batched-equals-reference tests above run with packing on: one backward, many targets per copy."""
+    from attrgraph.edges import _Graph, _prepare, _slot_groups
+
+    d, tokens, ci, _ = request.getfixturevalue(family)
+    tokens, target_pos, logit_tokens, ci, _ = _prepare(d, tokens, None, [1, 2], ci)
+    keys = _slot_groups(d, _Graph(d, T, target_pos, logit_tokens, ci))
+    assert keys is not None
+    target_key, _, n_keys = keys
+    assert n_keys == T + d.model.target.config.num_hidden_layers and int(target_key.max()) < n_keys
+
+
+def test_attention_without_decomposed_matrices_is_not_packed(float64_llama):
+    """With q/k/v/o left whole, attention carries gradients across positions; targets then get a copy each."""
+    from attrgraph.edges import _Graph, _prepare, _slot_groups
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, **_IDS,
+    )  # fmt: skip
+    d = _decomposition(LlamaForCausalLM(cfg), [{"pattern": "model.layers.*.mlp.*_proj", "C": C}])
+    tokens, ci = _setup(d, 4)
+    _, target_pos, logit_tokens, prepared, _ = _prepare(d, tokens, None, [1], ci)
+    assert _slot_groups(d, _Graph(d, T, target_pos, logit_tokens, prepared)) is None
+    ref = attribute_reference(d, tokens, ci=ci)
+    torch.testing.assert_close(attribute(d, tokens, ci=ci, batch_size=4).A, ref.A, rtol=1e-10, atol=1e-10)

@@ -14,6 +14,7 @@ from attrgraph.prune import (
     influence,
     influence_prune,
     normalized_abs,
+    prune_coo,
     prune_graph,
     remove_dangling,
     top_k_edges,
@@ -306,3 +307,51 @@ def test_remove_dangling_cascades() -> None:
     assert set(H.nodes) == {"emb", "a", "out"}
     assert set(H.edges) == {("emb", "a"), ("a", "out")}
     assert _snapshot(G) == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pruning on COO edges
+
+
+def _random_dag(seed: int, n: int = 60, density: float = 0.15) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """A random layered DAG in node order: emb first, logits last, edges only from earlier to later nodes."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = ["emb"] * 5 + [("comp", "delta")[int(torch.rand(1, generator=gen) < 0.2)] for _ in range(n - 8)]
+    kinds += ["logit"] * 3
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64) * (torch.rand(n, n, generator=gen) < density)
+    A = torch.tril(A, diagonal=-1)  # A[target, source] with source < target
+    for i, k in enumerate(kinds):
+        if k in ("emb", "delta"):
+            A[i] = 0  # sources only
+        if k == "logit":
+            A[:, i] = 0  # targets only
+    probs = torch.rand(3, generator=gen, dtype=torch.float64)
+    return A, kinds, probs / probs.sum()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("node_threshold", "edge_threshold"), [(0.8, 0.98), (0.5, 0.7), (1.0, 1.0)])
+def test_prune_coo_equals_the_dense_algorithm(seed: int, node_threshold: float, edge_threshold: float) -> None:
+    A, kinds, probs = _random_dag(seed)
+    dense = influence_prune(A, kinds, probs, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    targets, sources = A.nonzero(as_tuple=True)
+    w = torch.zeros(len(kinds), dtype=torch.float64)
+    w[[i for i, k in enumerate(kinds) if k == "logit"]] = probs
+    coo = prune_coo(
+        len(kinds), targets, sources, A[targets, sources], kinds, w,
+        node_threshold=node_threshold, edge_threshold=edge_threshold,
+    )  # fmt: skip
+    torch.testing.assert_close(coo.influence, dense.influence, rtol=1e-12, atol=1e-15)
+    assert torch.equal(coo.node_mask, dense.node_mask)
+    assert torch.equal(coo.edge_mask, dense.edge_mask[targets, sources])
+    assert int(dense.edge_mask.sum()) == int(coo.edge_mask.sum())  # no kept edge outside the nonzeros
+
+
+def test_prune_coo_rejects_a_cycle_and_misaligned_edges() -> None:
+    kinds = ["emb", "comp", "comp", "logit"]
+    w = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    t, s = torch.tensor([1, 2, 1, 3]), torch.tensor([0, 1, 2, 2])  # 1 → 2 → 1 is a cycle
+    with pytest.raises(VpdError, match="cycle"):
+        prune_coo(4, t, s, torch.ones(4, dtype=torch.float64), kinds, w)
+    with pytest.raises(VpdError, match="one length"):
+        prune_coo(4, t, s[:3], torch.ones(4, dtype=torch.float64), kinds, w)
