@@ -284,4 +284,6 @@ def test_svg_export_and_long_prompt_view(browser, tmp_path):
     assert view[1] > 199 * 96  # the last column is in view
     svg = browser.execute_script("return vpdExplorer.exportSVG()")
     assert svg.startswith("<svg") and "\u2423w199" in svg and svg.count("<circle") == 200
+    png = browser.execute_script("return document.querySelector('#vpd-graph canvas').toDataURL('image/png')")
+    assert png.startswith("data:image/png;base64,") and len(png) > 10_000  # the PNG export's source
     assert _errors(browser) == []
