@@ -35,6 +35,7 @@ _STYLE = {
     "other": ("#374151", "o"),
 }
 _POSITIVE, _NEGATIVE = "#2563eb", "#ea580c"
+_SLIVER = 0.35  # width of a column without subcomponents, in 0.9-inch units
 _KEY_PREFIX = re.compile(r"^\S+:\d+(:\d+)?(@\d+)?\s*")
 
 
@@ -98,14 +99,19 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
     from matplotlib.lines import Line2D
 
     data = explorer_payload(G)
-    columns = [(left / MIN_COLUMN, width / MIN_COLUMN) for left, width in data["columns"]]  # in narrow columns
-    total = data["width"] / MIN_COLUMN
     n_rows, n_cols = len(data["rows"]), data["n_cols"]
     nodes = data["nodes"]
-    # Column units: 1 per token; row units: 1 per named row, embeddings at 0.
+    # x in units of 0.9 inch: a column with subcomponents is as wide as in the explorer (wider the more
+    # nodes sit side by side); a column holding only its embedding shrinks to a sliver, as in the paper.
+    busy = {n["attrs"]["pos"] for n in nodes if n["kind"] != "emb"}
+    spans = [(width / MIN_COLUMN if c in busy else _SLIVER) for c, (_, width) in enumerate(data["columns"])]
+    starts = [sum(spans[:c]) for c in range(n_cols)]
+    columns = list(zip(starts, spans, strict=True))
+    total = starts[-1] + spans[-1]
     for n in nodes:
-        n["cx"], n["cy"] = n["x"] / MIN_COLUMN, n["row"]
-    # 0.9 inch per narrow column: a busy column is as much wider as it holds more nodes side by side.
+        left, width = data["columns"][n["attrs"]["pos"]]
+        start, span = columns[n["attrs"]["pos"]]
+        n["cx"], n["cy"] = start + (n["x"] - left) / width * span, n["row"]
     fig = Figure(figsize=(min(2.6 + 0.9 * total, 30), min(1.6 + 0.42 * n_rows, 24)), dpi=150)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -151,10 +157,12 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
     ax.set_yticklabels(data["rows"], fontsize=8)
     ax.set_xticks([left + width / 2 for left, width in columns])
     tokens = data["tokens"]
+    narrow = min(span for _, span in columns) < 0.6  # under ~0.55 inch the labels turn upright
     ax.set_xticklabels(
-        [f"{show_token(tokens[c]) if c < len(tokens) else ''}\n{c}" for c in range(n_cols)],
-        fontsize=8,
+        [f"{show_token(tokens[c]) if c < len(tokens) else ''}{'  ' if narrow else chr(10)}{c}" for c in range(n_cols)],
+        fontsize=7 if narrow else 8,
         family="monospace",
+        rotation=90 if narrow else 0,
     )
     for label in ax.get_xticklabels() + ax.get_yticklabels():
         label.set_parse_math(False) if hasattr(label, "set_parse_math") else None
@@ -162,7 +170,8 @@ def _figure(G: nx.DiGraph, max_labels: int) -> Any:
     ax.set_ylim(-0.6, n_rows - 0.4)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    title = str(G.graph.get("prompt", ""))
+    title = str(G.graph.get("prompt", "")).replace("\n", " ")
+    title = title if len(title) <= 100 else "…" + title[-99:]  # the end of a long prompt, where the target is
     target = G.graph.get("target_token")
     if target is not None:
         title += f"   →  {target!r} at position {G.graph.get('target_pos')}"
