@@ -552,7 +552,7 @@
       ctx.beginPath(); ctx.arc(it.x, it.y, it.members.length > 1 ? 7 : 5, 0, 2 * Math.PI);
       ctx.fillStyle = it.color; ctx.fill();
       ctx.fillStyle = "#111827";
-      ctx.fillText(it.name.slice(0, 22), it.x + 8, it.y - 6);
+      ctx.fillText(it.name.slice(0, 22), it.x + 8, it.y - 6 + 12 * it.k);  // cell-mates' labels stack downwards
     });
   }
 
