@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="subcomponent nodes whose edges are computed, chosen by estimated influence (7500; `none`: all)",
     )
-    graph.add_argument("--batch-size", type=int, default=None, help="target nodes per backward pass (32)")
+    graph.add_argument(
+        "--batch-size", type=int, default=None, help="prompt copies per forward; each backward fills several rows (16)"
+    )
     graph.add_argument("--max-memory-gb", type=float, default=None, help="refuse above this estimate (default: free)")
     graph.add_argument("--save-full", action="store_true", help="also write the full graph as node-link JSON (large)")
     graph.add_argument("--json", action="store_true", help="print one JSON object")

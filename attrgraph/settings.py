@@ -56,7 +56,7 @@ class GraphSettings(BaseModel):
     seed: int = 0
     report: bool = False
     max_nodes: int | None = Field(DEFAULT_MAX_NODES, ge=1, strict=True)
-    batch_size: int = Field(32, ge=1, strict=True)
+    batch_size: int = Field(16, ge=1, strict=True)
     weight_by_source_ci: bool = True
     max_logits: int = Field(10, ge=1)
     logit_prob: float = Field(0.95, gt=0, le=1)
@@ -86,6 +86,6 @@ def graph_settings(base: GraphSettings | None = None, **values: object) -> Graph
             none = " (or none for no budget)" if name == "max_nodes" else ""
             raise VpdError(
                 f"`{name}` must be a positive integer{none}; got {first.get('input')!r}. Pass e.g. "
-                f"{DEFAULT_MAX_NODES if name == 'max_nodes' else 32}."
+                f"{DEFAULT_MAX_NODES if name == 'max_nodes' else 16}."
             ) from None
         raise VpdError(f"`{name}`: {first['msg'].lower()} (got {first.get('input')!r}).") from None
