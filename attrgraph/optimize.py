@@ -197,7 +197,7 @@ def optimize_ci(
     steps: int = 2000,
     lr: float = 1e-2,
     warmup_frac: float = 0.01,
-    l_min: float = 0.09,
+    l_min: float | None = None,
     p: float = 0.3,
     eps: float = 1e-6,
     pgd_steps: int = 4,
@@ -223,7 +223,7 @@ def optimize_ci(
         steps: Optimisation steps, ≥ 1.
         lr: Peak AdamW lr (weight decay 0), cosine-decayed to `FINAL_LR_FRAC`·lr after a linear warm-up.
         warmup_frac: Warm-up length as a fraction of `steps` (rounded up).
-        l_min: Coefficient of L_imp.
+        l_min: Coefficient of L_imp; default the paper's value for `mode` (`attrgraph.settings.L_MIN`).
         p: Exponent of L_imp.
         eps: Added to g̃_up before the power.
         pgd_steps: Sign-ascent steps of the adversary per optimisation step.
@@ -243,6 +243,10 @@ def optimize_ci(
     if steps < 1:
         raise VpdError(f"`steps` must be ≥ 1; got {steps}. The paper uses 2000.")
     tokens = _check_prompt(d, tokens, target_pos, target_token)
+    if l_min is None:
+        from attrgraph.settings import L_MIN
+
+        l_min = L_MIN[mode]
     alpha = d.config.ci.alpha
     z = _base_z(d, tokens)
     alive = {path: sigmoid_lower(zp, alpha) > 0 for path, zp in z.items()}

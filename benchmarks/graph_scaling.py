@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="16,64,128,256", help="bundled prompt lengths (empty: none)")
     parser.add_argument("--paper-lengths", default="64,512", help="paper-shape prompt lengths (empty: none)")
     parser.add_argument("--alive-frac", type=float, default=0.01, help="paper shape: alive share per matrix")
-    parser.add_argument("--batch-size", type=int, default=32, help="paper shape: prompt copies per forward")
+    parser.add_argument("--batch-size", type=int, default=16, help="paper shape: prompt copies per forward")
     parser.add_argument("--max-nodes", default=None, help="node budget (default 7500; `none`: every node)")
     parser.add_argument("--device", default=None, help="paper shape: cpu or cuda (default: cuda when present)")
     parser.add_argument("--child", choices=("bundled", "paper"), default=None, help=argparse.SUPPRESS)
