@@ -17,7 +17,9 @@ Every function here reads an `nx.DiGraph` in one convention (attribution-graphs.
 - Graph attributes (`G.graph`): `prompt` (str), `prompt_tokens` (list[str]), `target_pos` (int),
   `target_token` (str), `report` (dict: name → float, e.g. P(target) under the target, CI,
   stochastic and adversarial masks), `qk_pairs` (list of dicts with keys `o_node`, `q_node`,
-  `k_node`, `key_pos`, `strength`) and `settings` (dict).
+  `k_node`, `key_pos`, `strength`) and `settings` (dict; from `attribute_prompt`, the
+  `GraphSettings` fields, plus `optimize_settings` after a per-prompt optimisation). Graphs from
+  `attribute_prompt` also carry `target_token_id` (int); their nodes all have `influence`.
 
 Every attribute must be JSON-native (str, int, float, bool, None, lists and str-keyed dicts) for
 the node-link round trip to be exact. No function here mutates its input graph.
