@@ -33,6 +33,9 @@ def plot_pieces(d: Decomposition, result: dict, path: str | Path) -> Path:
     eye = torch.eye(n)
     with torch.no_grad():
         _, signed_xs = d.model.forward_with_inputs(torch.cat([eye, -eye]))
+        mats_of = {
+            p: torch.einsum("co,ic->oi", d.model.components(p).U, d.model.components(p).V) for p in d.module_paths
+        }
     paths = d.module_paths
     fig, axes = plt.subplots(len(paths), 3, figsize=(10, 2.6 * len(paths)), squeeze=False)
     for row, p in zip(axes, paths, strict=True):
@@ -40,11 +43,11 @@ def plot_pieces(d: Decomposition, result: dict, path: str | Path) -> Path:
         W = comp.weight.detach()
         stats = result["matrices"][p]
         found = result["matches"][p]
-        mats = torch.einsum("co,ic->oi", comp.U.detach(), comp.V.detach())
+        mats = mats_of[p]
         limit = float(W.abs().max())
-        row[0].imshow(W, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        row[0].imshow(W.numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         row[0].set_title(f"{p}: target W", fontsize=8)
-        row[1].imshow(mats, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        row[1].imshow(mats.numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         row[1].set_title(f"U·V (all {comp.C}); alive {stats['alive']}", fontsize=8)
         pieces = ground_truth(target, p, signed_xs)
         if pieces.writes is None:
@@ -58,7 +61,7 @@ def plot_pieces(d: Decomposition, result: dict, path: str | Path) -> Path:
             if c is not None:
                 u = comp.U[c].detach()
                 matched[i] = u * torch.sign(u @ writes[i]) / u.norm().clamp_min(1e-12)
-        row[2].imshow(torch.cat([writes, matched], dim=1), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+        row[2].imshow(torch.cat([writes, matched], dim=1).numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
         row[2].axvline(writes.shape[1] - 0.5, color="k", lw=0.8)
         row[2].set_title(
             f"true write | matched u_c: {stats['recovered']}/{stats['pieces']} {stats['kind']}", fontsize=8
@@ -98,8 +101,8 @@ def plot_ci_vs_value(d: Decomposition, result: dict, path: str | Path, *, low: f
                     mask[i, c] = False
             other[j] = G[mask].max()
         for i in range(min(n, MAX_SHOWN)):
-            ax.plot(values, own[i], lw=0.8)
-        ax.plot(values, other, "k--", lw=1, label="max other")
+            ax.plot(values.numpy(), own[i].numpy(), lw=0.8)
+        ax.plot(values.numpy(), other.numpy(), "k--", lw=1, label="max other")
         ax.set_title(p, fontsize=8)
         ax.set_xlabel("feature value", fontsize=8)
         ax.set_ylabel("CI", fontsize=8)
