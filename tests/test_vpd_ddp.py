@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from decomposer.vpd.train import decompose
 from tests.conftest import toy_batches, toy_config, toy_target
-from tests.ranks import run_ranks
+from tests.ranks import rank_slice, run_ranks
 
 STEPS = 4
 
@@ -23,36 +23,21 @@ def deterministic_config():
     )
 
 
-def sliced(rank: int, world: int):
-    def batch(step):
-        full = toy_batches(step)
-        local = len(full) // world
-        return full[rank * local : (rank + 1) * local]
-
-    return batch
+def fresh_pgd_config():
+    cfg = toy_config(steps=STEPS)
+    fresh = {"kind": "fresh_pgd", "fresh_steps": 3, "fresh_step_size": 0.3}
+    return cfg.model_copy(update={"adversary": cfg.adversary.model_copy(update=fresh)})
 
 
-def _worker(rank: int, world: int, out: str, config_json: str) -> None:
+def _train(rank: int, world: int, out: str, config_json: str) -> None:
     from decomposer.vpd.config import DecomposeConfig
 
     config = DecomposeConfig.model_validate_json(config_json)
-    d = decompose(config, f"{out}/rank{rank}", target=toy_target(), batches=sliced(rank, world))
+    d = decompose(config, f"{out}/rank{rank}", target=toy_target(), batches=rank_slice(toy_batches, rank, world))
     torch.save({k: v.clone() for k, v in d.tensors().items()}, f"{out}/rank{rank}.pt")
 
 
-@pytest.mark.slow
-def test_one_rank_equals_two_ranks(tmp_path):
-    config = deterministic_config()
-    single = decompose(config, tmp_path / "single", target=toy_target(), batches=toy_batches)
-    run_ranks(_worker, 2, tmp_path, str(tmp_path), config.model_dump_json())
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for name, value in single.tensors().items():
-        assert torch.equal(rank0[name], rank1[name]), name
-        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6)
-
-
-def _fresh_pgd_worker(rank: int, world: int, out: str, config_json: str) -> None:
+def _fresh_pgd_step(rank: int, world: int, out: str, config_json: str) -> None:
     import decomposer.vpd.step as step_module
     from decomposer.vpd.config import DecomposeConfig
     from decomposer.vpd.run import Decomposition
@@ -77,23 +62,41 @@ def _fresh_pgd_worker(rank: int, world: int, out: str, config_json: str) -> None
         return masks, delta, loss
 
     step_module.fresh_pgd = recording
-    trainer.step(sliced(rank, world)(0), 0)
+    try:
+        trainer.step(rank_slice(toy_batches, rank, world)(0), 0)
+    finally:
+        step_module.fresh_pgd = original
     torch.save(seen[-1], f"{out}/sources{rank}.pt")
 
 
+def _worker(rank: int, world: int, out: str, train_json: str, fresh_json: str) -> None:
+    _train(rank, world, out, train_json)
+    _fresh_pgd_step(rank, world, out, fresh_json)
+
+
+@pytest.fixture(scope="module")
+def ranks_out(tmp_path_factory):
+    """One group of 2 ranks for both tests (spawning one costs more than what they run)."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_ranks(_worker, 2, out / "group", str(out), deterministic_config().model_dump_json(),
+              fresh_pgd_config().model_dump_json())  # fmt: skip
+    return out
+
+
 @pytest.mark.slow
-def test_shared_pgd_sources_stay_identical_across_ranks(tmp_path):
-    cfg = toy_config(steps=STEPS)
-    config = cfg.model_copy(
-        update={
-            "adversary": cfg.adversary.model_copy(
-                update={"kind": "fresh_pgd", "fresh_steps": 3, "fresh_step_size": 0.3}
-            )
-        }
-    )
-    run_ranks(_fresh_pgd_worker, 2, tmp_path, str(tmp_path), config.model_dump_json())
-    a = torch.load(tmp_path / "sources0.pt", weights_only=True)
-    b = torch.load(tmp_path / "sources1.pt", weights_only=True)
+def test_one_rank_equals_two_ranks(tmp_path, ranks_out):
+    single = decompose(deterministic_config(), tmp_path / "single", target=toy_target(), batches=toy_batches)
+    rank0 = torch.load(ranks_out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(ranks_out / "rank1.pt", weights_only=True)
+    for name, value in single.tensors().items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_shared_pgd_sources_stay_identical_across_ranks(ranks_out):
+    a = torch.load(ranks_out / "sources0.pt", weights_only=True)
+    b = torch.load(ranks_out / "sources1.pt", weights_only=True)
     # The delta channel of a shared source is one scalar per matrix: equal ranks mean equal sources.
     for name in a:
         assert torch.equal(a[name], b[name]), name
