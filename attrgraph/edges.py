@@ -1,7 +1,8 @@
 """Attribution-graph edges between VPD subcomponents (attribution-graphs.md §1–§2).
 
-Orientation, stated once: nodes are held in one list, `Attribution.nodes`, and the dense adjacency is
-`A[target, source]` over indices into that list (circuit-tracer's orientation).
+Orientation, stated once: nodes are held in one order (`EdgeTable`, `Attribution.nodes`), and edges
+run A[target, source] over indices into it (circuit-tracer's orientation), as COO (`EdgeTable.targets`,
+`.sources`, `.weights`) or as the dense `Attribution.A`.
 
 Algorithm:
 
@@ -21,11 +22,21 @@ Algorithm:
    respect to a leaf is the direct-effect gradient (·)*.
 5. Edge weights: (∂a_t/∂a_s)* · a_s · g_s for comp sources (g_s only if `weight_by_source_ci`),
    Σ_d (∂a_t/∂e_d)* e_d for embedding sources and Σ_j (∂a_t/∂δ_j)* δ_j for delta sources.
-6. Batching: the prompt is replicated K times along the batch dimension and the K chosen target
-   scalars, one per copy, are summed; copies never interact, so row k of each leaf gradient is the
-   gradient of target k. The copy-independent parts of the hook (a, x Δᵀ, a_dead @ U) are computed
-   once and broadcast. `attribute_reference` does one `autograd.grad` per target instead, with every
-   (t, c) entry a leaf.
+6. Batching: the prompt is replicated K times along the batch dimension and the chosen target scalars,
+   each read from one copy, are summed; copies never interact, so copy k of each leaf gradient holds
+   only its own targets. A copy carries one target per position plus one attention-output (o) target
+   per block: under the cut a target at position t that reads the residual stream or an MLP's hidden
+   layer reaches only leaves at t, and an o target of block b only block b's q/k/v leaves, so each
+   source's gradient belongs to the target in its slot (`_slot_groups`; without decomposed q/k/v and
+   o in every block, one target per copy). The copy-independent parts of the hook (a, x Δᵀ,
+   a_dead @ U) are computed once and broadcast. `attribute_reference` does one `autograd.grad` per
+   target instead, with every (t, c) entry a leaf.
+7. Node budget (`max_nodes`): the logits' rows first; then, as circuit-tracer does, the influence of
+   every node on the logits is estimated from the rows found so far and the next queue of targets is
+   the unvisited comp nodes of largest estimate, until the budget is spent. Comp nodes outside the
+   budget are dropped with their outgoing edges; every edge into a kept node is exact.
+8. The result is an `EdgeTable`: a node table and the nonzero edges as COO tensors, never a dense
+   matrix (`Attribution` and `EdgeTable.dense` give one for small graphs and tests).
 
 All pairs are computed; structurally disallowed pairs (§2.3, §2.4) come out as exact zeros.
 """
