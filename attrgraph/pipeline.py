@@ -93,13 +93,19 @@ def available_bytes() -> int | None:
 
 
 def check_memory(d: Decomposition, T: int, n_comp: int, settings: GraphSettings) -> int:
-    """The estimate of `estimate_peak_bytes`; refuses one above `max_memory_gb` or the memory available.
+    """The estimate of `estimate_peak_bytes`; refuses one above `max_memory_gb` or the memory free now (on
+    the model's GPU when it has one).
 
     Raises:
         VpdError: The estimate exceeds the limit; the message names `batch_size` and `max_nodes`.
     """
     need = estimate_peak_bytes(d, T, n_comp, settings)
-    limit = settings.max_memory_gb * 2**30 if settings.max_memory_gb is not None else available_bytes()
+    if settings.max_memory_gb is not None:
+        limit = settings.max_memory_gb * 2**30
+    elif d.model_device.type == "cuda":
+        limit = torch.cuda.mem_get_info(d.model_device)[0]  # the edge step's tensors live on the GPU
+    else:
+        limit = available_bytes()
     if limit is not None and need > limit:
         raise VpdError(
             f"The graph of this {T}-token prompt ({n_comp:,} alive subcomponents) needs about {need / 2**30:.1f} GB, "
