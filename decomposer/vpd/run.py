@@ -29,6 +29,7 @@ from decomposer.io import atomic_write_dir, atomic_write_json, resolve_atomic_di
 from decomposer.vpd.ci import build_ci_function, causal_importance
 from decomposer.vpd.components import ComponentModel
 from decomposer.vpd.config import DecomposeConfig
+from decomposer.vpd.dtensors import full_tensor, is_dtensor, load_full_into
 
 FORMAT = "decomposition"
 FORMAT_VERSION = 1
@@ -101,8 +102,6 @@ class Decomposition:
 
     def tensors(self) -> dict[str, Tensor]:
         """Whole V, U and CI tensors; when sharded (sharding.py) this gathers them, so every rank must call it."""
-        from decomposer.vpd.sharding import full_tensor
-
         out = {}
         for p in self.module_paths:
             comp = self.model.components(p)
@@ -113,9 +112,7 @@ class Decomposition:
         return out
 
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
-        from decomposer.vpd.sharding import is_sharded, load_full_into
-
-        if is_sharded(self):
+        if is_dtensor(self.model.components(self.module_paths[0]).V):
             for p in self.module_paths:
                 comp = self.model.components(p)
                 load_full_into(comp.V, tensors[f"components.{p}.V"])
