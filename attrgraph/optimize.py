@@ -79,8 +79,12 @@ def _check_prompt(d: Decomposition, tokens: Tensor, target_pos: int, target_toke
     if not 0 <= target_pos < T:
         raise VpdError(f"`target_pos` must be in [0, {T}) for a prompt of {T} tokens; got {target_pos}.")
     tokens = tokens[:, : target_pos + 1].to(d.model_device)
-    with torch.no_grad():
-        vocab = _logits(d.model.target(tokens)).shape[-1]
+    head = d.model.target.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        vocab = head.weight.shape[0]  # no forward just to learn the vocabulary size
+    else:
+        with torch.no_grad():
+            vocab = _logits(d.model.target(tokens)).shape[-1]
     if not 0 <= target_token < vocab:
         raise VpdError(f"`target_token` must be in [0, {vocab}), the model's vocabulary; got {target_token}.")
     return tokens
