@@ -90,7 +90,9 @@ def _graph(args: argparse.Namespace) -> None:
         print()
         return
     print(f"{args.prompt!r} → {summary['target_token']!r} at position {summary['target_pos']}")
-    budget = "" if summary["candidates"] == summary["nodes"] else f" ({summary['candidates']:,} subcomponents alive)"
+    budget = ""
+    if summary["subcomponents"] < summary["candidates"]:
+        budget = f" ({summary['subcomponents']:,} of {summary['candidates']:,} alive subcomponents, by influence)"
     print(
         f"graph: {summary['nodes']:,} nodes{budget}, {summary['edges']:,} edges; pruned "
         f"(node {settings.node_threshold}, edge {settings.edge_threshold}): {summary['pruned_nodes']:,} nodes, "

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edges import EdgeTable, attribute_edges
+from attrgraph.edges import KINDS, EdgeTable, attribute_edges
 from attrgraph.prune import CooPruneMasks, prune_coo
 from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError
@@ -108,8 +108,8 @@ def check_memory(d: Decomposition, T: int, n_comp: int, settings: GraphSettings)
         limit = available_bytes()
     if limit is not None and need > limit:
         raise VpdError(
-            f"The graph of this {T}-token prompt ({n_comp:,} alive subcomponents) needs about {need / 2**30:.1f} GB, "
-            f"more than the {limit / 2**30:.1f} GB allowed; lower `batch_size` (now {settings.batch_size}, "
+            f"The graph of this {T}-token prompt ({n_comp:,} alive subcomponents) needs about {need / 2**30:.2g} GB, "
+            f"more than the {limit / 2**30:.2g} GB allowed; lower `batch_size` (now {settings.batch_size}, "
             f"--batch-size) or `max_nodes` (now {settings.max_nodes}, --max-nodes), or shorten the prompt."
         )
     return need
@@ -163,6 +163,7 @@ class PromptGraph:
             "target_token": self.target_text,
             "target_pos": self.target_pos,
             "candidates": self.table.n_candidates,
+            "subcomponents": int((self.table.kind == KINDS.index("comp")).sum()),
             "nodes": self.table.n,
             "edges": int(self.table.targets.numel()),
             "pruned_nodes": self.pruned.number_of_nodes(),
