@@ -287,20 +287,24 @@ class EdgeTable:
     def n(self) -> int:
         return int(self.kind.numel())
 
-    def node_id(self, i: int) -> NodeId:
-        kind, pos, module, index = KINDS[int(self.kind[i])], int(self.pos[i]), int(self.module[i]), int(self.index[i])
-        if kind == "emb":
-            return NodeId.emb(pos)
-        if kind == "comp":
-            return NodeId.comp(self.module_paths[module], index, pos)
-        if kind == "delta":
-            return NodeId.delta(self.module_paths[module], pos)
-        return NodeId.logit(index, pos)
-
     def nodes(self, which: Tensor | None = None) -> list[NodeId]:
-        """NodeIds of all nodes, or of the node indices in `which`."""
-        ids = range(self.n) if which is None else which.tolist()
-        return [self.node_id(i) for i in ids]
+        """NodeIds of all nodes, or of the node indices in `which` (read in one transfer, not per node)."""
+        columns = (self.kind, self.pos, self.module, self.index)
+        if which is not None:
+            which = which.to(self.kind.device)
+            columns = tuple(c[which] for c in columns)
+        out = []
+        for kind, pos, module, index in zip(*(c.tolist() for c in columns), strict=True):
+            kind = KINDS[kind]
+            if kind == "emb":
+                out.append(NodeId.emb(pos))
+            elif kind == "comp":
+                out.append(NodeId.comp(self.module_paths[module], index, pos))
+            elif kind == "delta":
+                out.append(NodeId.delta(self.module_paths[module], pos))
+            else:
+                out.append(NodeId.logit(index, pos))
+        return out
 
     def kind_masks(self) -> dict[str, Tensor]:
         return {k: self.kind == i for i, k in enumerate(KINDS)}
