@@ -1,4 +1,6 @@
-"""The `vpd` command line. Subcommands are thin: they parse flags and call one public function.
+"""The `vpd` command line: the parser assembled from `circuits/commands/` (one module per subcommand) and `main`.
+
+Subcommands are thin: they parse flags and call one public function.
 
 A `VpdError` raised anywhere below is printed as one sentence and exits with status 2.
 """
@@ -12,9 +14,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from attrgraph import _cli as attrgraph_cli
     from circuits import commands
-    from decomposer import _cli as decomposer_cli
 
     parser = argparse.ArgumentParser(
         prog="vpd",
@@ -24,34 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    decomposer_cli.register(sub)
-    decomposer_cli.register_vpd(sub)
-    attrgraph_cli.register(sub)
     for name in commands.MODULES:
         importlib.import_module(f"circuits.commands.{name}").register(sub)
-    demo = sub.add_parser(
-        "demo", help="the princess attribution graph on the bundled decomposition (no arguments needed)"
-    )
-    demo.add_argument("--out", default="vpd-demo", help="folder for the graph files (default: vpd-demo)")
-    demo.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="per-prompt optimisation steps of both graphs (default 150 adversarial, 300 CI-only)",
-    )
-    demo.add_argument("--json", action="store_true", help="print one JSON object")
-    demo.set_defaults(handler=_demo)
     return parser
-
-
-def _demo(args: argparse.Namespace) -> None:
-    import json
-
-    from circuits.demo import format_summary, run_demo
-
-    steps = {"adversarial": args.steps, "ci": args.steps} if args.steps else None
-    summary = run_demo(args.out, steps=steps)
-    print(json.dumps(summary) if args.json else format_summary(summary))
 
 
 def main(argv: list[str] | None = None) -> int:

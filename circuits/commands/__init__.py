@@ -1,3 +1,17 @@
-"""`vpd` subcommands of the circuits package; each module has `register(subparsers)`."""
+"""The `vpd` subcommands, one module each; every module has `register(subparsers)`. `MODULES` is the help order."""
 
-MODULES = ("ablate", "edit", "harvest", "qk", "study", "toy")
+MODULES = (
+    "corpus",
+    "train_target",
+    "predict",
+    "decompose",
+    "evaluate",
+    "graph",
+    "ablate",
+    "edit",
+    "harvest",
+    "qk",
+    "study",
+    "toy",
+    "demo",
+)
