@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from decomposer.errors import VpdError
-from decomposer.vpd.losses import cosine_lr, importance_minimality
+from decomposer.vpd.adversary import sign_ascent
+from decomposer.vpd.losses import cosine_lr, importance_minimality, mask_from_sources
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.sigmoids import sigmoid_lower, sigmoid_upper
 
@@ -100,9 +101,9 @@ def _ce(
     return -logits[:, pos].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)[:, tok]
 
 
-def _mask(g: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
-    """m = g + (1 − g)·s with a leading batch dim; g (T, C) broadcasts against s (T, C) or (B, T, C)."""
-    return {p: (g[p] + (1.0 - g[p]) * s[p]).reshape(-1, *g[p].shape) for p in g}
+def _masks(g: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`mask_from_sources` with a leading batch dim; g (T, C) broadcasts against s (T, C) or (B, T, C)."""
+    return {p: mask_from_sources(g[p], s[p]).reshape(-1, *g[p].shape) for p in g}
 
 
 def uniform_sources(
@@ -147,23 +148,20 @@ def pgd_sources(
         The final sources (detached; equal to `r` off `alive`) and the largest CE seen at any iterate.
     """
     g = {p: t.detach() for p, t in g.items()}
-    s = {p: t.detach().clone() for p, t in r.items()}
-    worst = -math.inf
-    with torch.enable_grad():
-        for _ in range(n_steps):
-            for t in s.values():
-                t.requires_grad_(True)
-            ce = _ce(d, tokens, _mask(g, s), delta, target_pos, target_token).sum()
-            grads = torch.autograd.grad(ce, list(s.values()), materialize_grads=True)
-            worst = max(worst, float(ce.detach()))
-            with torch.no_grad():
-                s = {
-                    p: torch.where(alive[p], (s[p] + step_size * gr.sign()).clamp(0.0, 1.0), s[p])
-                    for (p, gr) in zip(s, grads, strict=True)
-                }
+    s = {p: t.detach().clone().requires_grad_(True) for p, t in r.items()}
+    seen: list[float] = []
+    sign_ascent(
+        lambda: _ce(d, tokens, _masks(g, s), delta, target_pos, target_token).sum(),
+        list(s.values()),
+        n_steps=n_steps,
+        step_size=step_size,
+        movable=[alive[p] for p in s],
+        losses=seen,
+    )
+    s = {p: t.detach() for p, t in s.items()}
     with torch.no_grad():
-        worst = max(worst, float(_ce(d, tokens, _mask(g, s), delta, target_pos, target_token).sum()))
-    return s, worst
+        final = float(_ce(d, tokens, _masks(g, s), delta, target_pos, target_token).sum())
+    return s, max([*seen, final])
 
 
 def _frozen_components(fn: Callable) -> Callable:
@@ -280,7 +278,7 @@ def optimize_ci(
             loss = loss + _ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)[0]
         else:
             r, delta = uniform_sources(g, gen)
-            ce_stoch = _ce(d, tokens, _mask(g, r), delta, target_pos, target_token)[0]
+            ce_stoch = _ce(d, tokens, _masks(g, r), delta, target_pos, target_token)[0]
             if mode == "stochastic":
                 loss = loss + ce_stoch
             else:
@@ -289,7 +287,7 @@ def optimize_ci(
                     d, tokens, g, alive, r, delta, target_pos=target_pos, target_token=target_token,
                     n_steps=pgd_steps, step_size=pgd_step_size,
                 )  # fmt: skip
-                ce_adv = _ce(d, tokens, _mask(g, s), delta, target_pos, target_token)[0]
+                ce_adv = _ce(d, tokens, _masks(g, s), delta, target_pos, target_token)[0]
                 loss = loss + 0.5 * ce_stoch + 0.5 * ce_adv
         # autograd.grad rather than backward, so no gradient lands on the decomposition's own parameters.
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
@@ -371,7 +369,7 @@ def faithfulness(
         p_stoch = []
         for start in range(0, n_samples, STOCH_CHUNK):
             r, delta = uniform_sources(g, gen, min(STOCH_CHUNK, n_samples - start))
-            p_stoch.append((-_ce(d, tokens, _mask(g, r), delta, target_pos, target_token)).exp())
+            p_stoch.append((-_ce(d, tokens, _masks(g, r), delta, target_pos, target_token)).exp())
     worst = -math.inf
     for _ in range(restarts):
         r, delta = uniform_sources(g, gen)

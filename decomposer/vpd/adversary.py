@@ -11,7 +11,7 @@ Both pick *sources* s ∈ [0, 1]^(C+1) per matrix, inside the box the causal imp
   clamped to [0, 1]. Per training step (§9.1): `warmup` (two ascents with g detached), the loss with
   the live g, then `ascend` with that loss's source gradient after the main optimiser step.
 - `fresh_pgd`: sources shared across batch and positions (1, 1, C + 1), re-drawn on every call,
-  moved by sign ascent and clamped. It is the [SPD] training adversary (1 step of 1.0 or 4 of 0.5)
+  moved by sign ascent (`sign_ascent`) and clamped. It is the [SPD] training adversary (1 step of 1.0 or 4 of 0.5)
   and the evaluation probe (§10: 20/40/80 steps of 0.1).
 
 DDP (§11): PPGD sources and their Adam state are rank-local and never reduced; each rank saves its
@@ -286,6 +286,44 @@ def fresh_pgd_sources(
     }
 
 
+def sign_ascent(
+    loss_fn: Callable[[], Tensor],
+    sources: Sequence[Tensor],
+    *,
+    n_steps: int,
+    step_size: float,
+    movable: Sequence[Tensor] | None = None,
+    reduce_grad: Callable[[Tensor], Tensor] | None = None,
+    losses: list[float] | None = None,
+) -> None:
+    """Sign-gradient PGD in place: `n_steps` of s ← clamp(s + step_size·sign(∇s loss), 0, 1).
+
+    The one ascent behind `fresh_pgd` and the per-prompt adversary of `attrgraph.optimize.pgd_sources`.
+
+    Args:
+        loss_fn: `() → loss`, the scalar to maximise, read from the current `sources`.
+        sources: Float leaves that require grad; moved in place.
+        n_steps: Sign steps.
+        step_size: Size of each sign step.
+        movable: Per source, a bool mask that broadcasts to it: only these entries move. None: all move.
+        reduce_grad: Applied to every source gradient before the sign, e.g. a DDP all-reduce (AVG).
+        losses: When given, the loss at every iterate 0 … n_steps − 1 is appended to it.
+    """
+    with torch.enable_grad():  # the eval probe runs under no_grad
+        for _ in range(n_steps):
+            loss = loss_fn()
+            if losses is not None:
+                losses.append(float(loss.detach()))
+            grads = _grad_list(loss, list(sources))
+            with torch.no_grad():
+                for i, (s, grad) in enumerate(zip(sources, grads, strict=True)):
+                    grad = reduce_grad(grad) if reduce_grad is not None else grad
+                    if movable is None:
+                        s.add_(grad.sign(), alpha=step_size).clamp_(0.0, 1.0)
+                    else:
+                        s.copy_(torch.where(movable[i], (s + step_size * grad.sign()).clamp(0.0, 1.0), s))
+
+
 def fresh_pgd(
     model_fn: LossFn,
     g: Mapping[str, Tensor],
@@ -332,17 +370,14 @@ def fresh_pgd(
         lead = (1,) * (first.ndim - 1 if leading_ndim is None else leading_ndim) if shared else first.shape[:-1]
         sources = fresh_pgd_sources(Cs, tuple(lead), generator=generator, device=first.device)
     g_detached = {path: g_l.detach() for path, g_l in g.items()}
-    source_list = list(sources.values())
-    with torch.enable_grad():  # the eval probe runs under no_grad
-        for _ in range(n_steps):
-            loss = model_fn(*sources_to_masks(g_detached, sources))
-            if losses is not None:
-                losses.append(float(loss.detach()))
-            grads = _grad_list(loss, source_list)
-            with torch.no_grad():
-                for s, grad in zip(source_list, grads, strict=True):
-                    grad = reduce_grad(grad) if reduce_grad is not None else grad
-                    s.add_(grad.sign(), alpha=step_size).clamp_(0.0, 1.0)
+    sign_ascent(
+        lambda: model_fn(*sources_to_masks(g_detached, sources)),
+        list(sources.values()),
+        n_steps=n_steps,
+        step_size=step_size,
+        reduce_grad=reduce_grad,
+        losses=losses,
+    )
     final = {path: s.detach() for path, s in sources.items()}
     masks, delta_masks = sources_to_masks(g, final)
     with torch.no_grad():
