@@ -106,15 +106,26 @@ def _masks(g: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
     return {p: mask_from_sources(g[p], s[p]).reshape(-1, *g[p].shape) for p in g}
 
 
-def uniform_sources(
-    like: dict[str, Tensor], gen: torch.Generator, n: int = 1
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+@dataclass(frozen=True)
+class Sources:
+    """The sources of the stochastic and adversarial masks of one prompt (method.md §6).
+
+    Attributes:
+        r: Path → (n, T, C) in [0, 1]: m = g + (1 − g)·r.
+        delta: Path → (n, T) delta masks.
+    """
+
+    r: dict[str, Tensor]
+    delta: dict[str, Tensor]
+
+
+def uniform_sources(like: dict[str, Tensor], gen: torch.Generator, n: int = 1) -> Sources:
     """U(0, 1) sources (n, T, C) and delta masks (n, T), drawn on the CPU generator so any device agrees."""
     r, delta = {}, {}
     for p, t in like.items():
         r[p] = torch.rand(n, *t.shape, generator=gen, dtype=t.dtype).to(t.device)
         delta[p] = torch.rand(n, t.shape[0], generator=gen, dtype=t.dtype).to(t.device)
-    return r, delta
+    return Sources(r, delta)
 
 
 def pgd_sources(
@@ -122,14 +133,13 @@ def pgd_sources(
     tokens: Tensor,
     g: dict[str, Tensor],
     alive: dict[str, Tensor],
-    r: dict[str, Tensor],
-    delta: dict[str, Tensor],
+    start: Sources,
     *,
     target_pos: int,
     target_token: int,
     n_steps: int,
     step_size: float,
-) -> tuple[dict[str, Tensor], float]:
+) -> tuple[Sources, float]:
     """Sign-ascent PGD on CE(y*) over the sources of alive entries only, with g detached.
 
     Args:
@@ -137,18 +147,19 @@ def pgd_sources(
         tokens: (1, T) prompt, already truncated.
         g: Path → CI (T, C); detached here.
         alive: Path → bool (T, C); only these sources move.
-        r: Path → (1, T, C) U(0, 1) draw: the initial sources, and the fixed sources off `alive`.
-        delta: Path → (1, T) delta masks, held fixed.
+        start: A (1, T, C) U(0, 1) draw: `start.r` is the initial sources and the fixed sources off `alive`;
+            `start.delta` is held fixed.
         target_pos: t*.
         target_token: y*.
         n_steps: Sign steps.
         step_size: Size of each sign step; sources are clamped to [0, 1].
 
     Returns:
-        The final sources (detached; equal to `r` off `alive`) and the largest CE seen at any iterate.
+        The final sources (detached; equal to `start.r` off `alive`, with `start.delta`) and the largest CE
+        seen at any iterate.
     """
     g = {p: t.detach() for p, t in g.items()}
-    s = {p: t.detach().clone().requires_grad_(True) for p, t in r.items()}
+    s, delta = {p: t.detach().clone().requires_grad_(True) for p, t in start.r.items()}, start.delta
     seen: list[float] = []
     sign_ascent(
         lambda: _ce(d, tokens, _masks(g, s), delta, target_pos, target_token).sum(),
@@ -161,7 +172,7 @@ def pgd_sources(
     s = {p: t.detach() for p, t in s.items()}
     with torch.no_grad():
         final = float(_ce(d, tokens, _masks(g, s), delta, target_pos, target_token).sum())
-    return s, max([*seen, final])
+    return Sources(s, delta), max([*seen, final])
 
 
 def _frozen_components(fn: Callable) -> Callable:
@@ -277,17 +288,17 @@ def optimize_ci(
         if mode == "ci":
             loss = loss + _ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)[0]
         else:
-            r, delta = uniform_sources(g, gen)
-            ce_stoch = _ce(d, tokens, _masks(g, r), delta, target_pos, target_token)[0]
+            draw = uniform_sources(g, gen)
+            ce_stoch = _ce(d, tokens, _masks(g, draw.r), draw.delta, target_pos, target_token)[0]
             if mode == "stochastic":
                 loss = loss + ce_stoch
             else:
                 # Alive sources start from this step's uniform draw; the rest keep it, held fixed.
-                s, _ = pgd_sources(
-                    d, tokens, g, alive, r, delta, target_pos=target_pos, target_token=target_token,
+                attacked, _ = pgd_sources(
+                    d, tokens, g, alive, draw, target_pos=target_pos, target_token=target_token,
                     n_steps=pgd_steps, step_size=pgd_step_size,
                 )  # fmt: skip
-                ce_adv = _ce(d, tokens, _masks(g, s), delta, target_pos, target_token)[0]
+                ce_adv = _ce(d, tokens, _masks(g, attacked.r), attacked.delta, target_pos, target_token)[0]
                 loss = loss + 0.5 * ce_stoch + 0.5 * ce_adv
         # autograd.grad rather than backward, so no gradient lands on the decomposition's own parameters.
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
@@ -368,13 +379,12 @@ def faithfulness(
         p_ci = (-_ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)).exp()
         p_stoch = []
         for start in range(0, n_samples, STOCH_CHUNK):
-            r, delta = uniform_sources(g, gen, min(STOCH_CHUNK, n_samples - start))
-            p_stoch.append((-_ce(d, tokens, _masks(g, r), delta, target_pos, target_token)).exp())
+            draw = uniform_sources(g, gen, min(STOCH_CHUNK, n_samples - start))
+            p_stoch.append((-_ce(d, tokens, _masks(g, draw.r), draw.delta, target_pos, target_token)).exp())
     worst = -math.inf
     for _ in range(restarts):
-        r, delta = uniform_sources(g, gen)
         _, ce = pgd_sources(
-            d, tokens, g, alive, r, delta, target_pos=target_pos, target_token=target_token,
+            d, tokens, g, alive, uniform_sources(g, gen), target_pos=target_pos, target_token=target_token,
             n_steps=pgd_steps, step_size=1.0,
         )  # fmt: skip
         worst = max(worst, ce)

@@ -137,7 +137,7 @@ def _row(
     Draws are taken in the order `attrgraph.optimize.faithfulness` takes them (stochastic chunks, then one
     draw per restart), so equal seeds give equal numbers for the whole graph.
     """
-    from attrgraph.optimize import STOCH_CHUNK, pgd_sources, uniform_sources
+    from attrgraph.optimize import STOCH_CHUNK, Sources, pgd_sources, uniform_sources
 
     t_star = tokens.shape[1] - 1
     g_c = {p: g[p] * inside[p] for p in g}
@@ -159,27 +159,26 @@ def _row(
     out["graph_ci"] = float(log_probs({p: v[None] for p, v in g.items()}, None)[0, y].exp())
     p_s, kl_s, p_graph = [], [], []
     for start in range(0, n_samples, STOCH_CHUNK):
-        r, delta = uniform_sources(g, gen, min(STOCH_CHUNK, n_samples - start))
-        lq = log_probs(mixed(g_c, r), delta)
+        draw = uniform_sources(g, gen, min(STOCH_CHUNK, n_samples - start))
+        lq = log_probs(mixed(g_c, draw.r), draw.delta)
         p_s.append(lq[:, y].exp())
         kl_s.append(kl(lq))
-        p_graph.append(log_probs(mixed(g, r), delta)[:, y].exp())
+        p_graph.append(log_probs(mixed(g, draw.r), draw.delta)[:, y].exp())
     out.update(p_stochastic=float(torch.cat(p_s).mean()), kl_stochastic=float(torch.cat(kl_s).mean()))
     out["graph_stochastic"] = float(torch.cat(p_graph).mean())
 
-    def attack(gg: dict[str, Tensor], r: dict[str, Tensor], delta: dict[str, Tensor]):
+    def attack(gg: dict[str, Tensor], start: Sources) -> tuple[Sources, float]:
         return pgd_sources(
-            d, tokens, gg, alive, r, delta,
-            target_pos=t_star, target_token=y, n_steps=pgd_steps, step_size=pgd_step_size,
-        )  # fmt: skip
+            d, tokens, gg, alive, start, target_pos=t_star, target_token=y, n_steps=pgd_steps, step_size=pgd_step_size
+        )
 
     worst, graph_worst, out["kl_adversarial"] = -math.inf, -math.inf, math.nan
     for _ in range(restarts):
-        r, delta = uniform_sources(g, gen)
-        s, ce = attack(g_c, r, delta)
+        draw = uniform_sources(g, gen)
+        s, ce = attack(g_c, draw)
         if ce > worst:
-            worst, out["kl_adversarial"] = ce, float(kl(log_probs(mixed(g_c, s), delta)[0]))
-        graph_worst = max(graph_worst, attack(g, r, delta)[1])
+            worst, out["kl_adversarial"] = ce, float(kl(log_probs(mixed(g_c, s.r), s.delta)[0]))
+        graph_worst = max(graph_worst, attack(g, draw)[1])
     out.update(p_adversarial=math.exp(-worst), graph_adversarial=math.exp(-graph_worst))
     out["n_circuit"] = sum(int((inside[p] & (g[p] > 0)).sum()) for p in g)
     out["n_alive"] = sum(int((g[p] > 0).sum()) for p in g)

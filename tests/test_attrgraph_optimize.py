@@ -72,12 +72,15 @@ def test_adversary_moves_only_alive_entries(setup):
     g = {p: torch.rand(POS + 1, C, generator=gen, dtype=torch.float64) for p in d.module_paths}
     g = {p: torch.where(v < 0.4, 0.0, v) for p, v in g.items()}
     alive = {p: v > 0 for p, v in g.items()}
-    r, delta = uniform_sources(g, gen)
+    draw = uniform_sources(g, gen)
+    r, delta = draw.r, draw.delta
     r0, delta0 = {p: v.clone() for p, v in r.items()}, {p: v.clone() for p, v in delta.items()}
-    s, worst = pgd_sources(d, toks, g, alive, r, delta, target_pos=POS, target_token=TOK, n_steps=3, step_size=1.0)
+    end, worst = pgd_sources(d, toks, g, alive, draw, target_pos=POS, target_token=TOK, n_steps=3, step_size=1.0)
+    s = end.r
     moved = 0
     for p in d.module_paths:
         assert torch.equal(r[p], r0[p]) and torch.equal(delta[p], delta0[p])  # inputs untouched
+        assert torch.equal(end.delta[p], delta0[p])  # delta is held fixed
         assert torch.equal(s[p][0][~alive[p]], r0[p][0][~alive[p]])
         assert ((s[p] >= 0) & (s[p] <= 1)).all()
         moved += int((s[p][0][alive[p]] != r0[p][0][alive[p]]).sum())
