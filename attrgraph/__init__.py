@@ -15,6 +15,8 @@ _EXPORTS = {
     "PromptGraph": "attrgraph.pipeline",
     "GraphSettings": "attrgraph.settings",
     "graph_settings": "attrgraph.settings",
+    "OptimizeSettings": "attrgraph.settings",
+    "optimize_settings": "attrgraph.settings",
     "EdgeTable": "attrgraph.edges",
     "attribute_edges": "attrgraph.edges",
     "save_full_graph": "attrgraph.artifact",

@@ -21,19 +21,17 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from attrgraph.settings import OptimizeSettings
 from decomposer.errors import VpdError
 from decomposer.vpd.adversary import sign_ascent
 from decomposer.vpd.losses import cosine_lr, importance_minimality, mask_from_sources
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.sigmoids import sigmoid_lower, sigmoid_upper
 
-Mode = Literal["adversarial", "ci", "stochastic"]
-MODES = ("adversarial", "ci", "stochastic")
 FINAL_LR_FRAC = 0.1
 STOCH_CHUNK = 16  # stochastic draws per batched forward in `faithfulness`
 
@@ -206,18 +204,8 @@ def optimize_ci(
     *,
     target_pos: int,
     target_token: int,
-    mode: Mode = "adversarial",
-    steps: int = 2000,
-    lr: float = 1e-2,
-    warmup_frac: float = 0.01,
-    l_min: float | None = None,
-    p: float = 0.3,
-    eps: float = 1e-6,
-    pgd_steps: int = 4,
-    pgd_step_size: float = 1.0,
-    seed: int = 0,
+    settings: OptimizeSettings | None = None,
     progress: bool = False,
-    log_every: int = 50,
 ) -> PromptCI:
     """Re-optimise the CI of one prompt for the prediction of `target_token` at `target_pos` (§4).
 
@@ -227,39 +215,29 @@ def optimize_ci(
     - `ci` (type 2): CE with m = g̃ and Δ excluded + l_min·L_imp (the paper uses l_min = 1.0).
     - `stochastic`: CE_stoch + l_min·L_imp.
 
+    The lr follows a linear warm-up over ceil(warmup_frac · steps) steps, then a cosine decay to
+    `FINAL_LR_FRAC`·lr.
+
     Args:
         d: The decomposition; left unchanged.
         tokens: (1, T) LongTensor; tokens after `target_pos` are dropped.
         target_pos: t*, in [0, T).
         target_token: y*, in the vocabulary.
-        mode: Which loss.
-        steps: Optimisation steps, ≥ 1.
-        lr: Peak AdamW lr (weight decay 0), cosine-decayed to `FINAL_LR_FRAC`·lr after a linear warm-up.
-        warmup_frac: Warm-up length as a fraction of `steps` (rounded up).
-        l_min: Coefficient of L_imp; default the paper's value for `mode` (`attrgraph.settings.L_MIN`).
-        p: Exponent of L_imp.
-        eps: Added to g̃_up before the power.
-        pgd_steps: Sign-ascent steps of the adversary per optimisation step.
-        pgd_step_size: Size of each sign step.
-        seed: Seeds the one generator behind every random draw.
+        settings: Mode, steps, lr, λ_min and the adversary's steps (`attrgraph.settings.OptimizeSettings`);
+            None: the defaults. Build them from user input with `optimize_settings(**values)`.
         progress: Show a tqdm bar.
-        log_every: Log the loss every this many steps.
 
     Returns:
         The optimised CI, the base alive set, the logged losses and the settings.
 
     Raises:
-        VpdError: A bad `target_pos`, `target_token`, `steps` or `mode`, or bad `tokens`.
+        VpdError: A bad `target_pos` or `target_token`, or bad `tokens`.
     """
-    if mode not in MODES:
-        raise VpdError(f"`mode` must be one of {MODES}; got {mode!r}.")
-    if steps < 1:
-        raise VpdError(f"`steps` must be ≥ 1; got {steps}. The paper uses 2000.")
+    settings = OptimizeSettings() if settings is None else settings
+    mode, steps, lr, l_min = settings.mode, settings.steps, settings.lr, settings.lambda_min
+    p, eps, pgd_steps, pgd_step_size = settings.p, settings.eps, settings.pgd_steps, settings.pgd_step_size
+    warmup_frac, seed, log_every = settings.warmup_frac, settings.seed, settings.log_every
     tokens = _check_prompt(d, tokens, target_pos, target_token)
-    if l_min is None:
-        from attrgraph.settings import L_MIN
-
-        l_min = L_MIN[mode]
     alpha = d.config.ci.alpha
     z = _base_z(d, tokens)
     alive = {path: sigmoid_lower(zp, alpha) > 0 for path, zp in z.items()}
@@ -309,13 +287,13 @@ def optimize_ci(
             losses.append(float(loss.detach()))
     with torch.no_grad():
         g = {path: t.detach() for path, t in full(sigmoid_lower).items()}
-    settings = {
+    record = {
         "mode": mode, "steps": steps, "lr": lr, "warmup_frac": warmup_frac, "warmup_steps": warmup_steps,
         "final_lr_frac": FINAL_LR_FRAC, "l_min": l_min, "p": p, "eps": eps, "pgd_steps": pgd_steps,
         "pgd_step_size": pgd_step_size, "seed": seed, "log_every": log_every, "target_pos": target_pos,
         "target_token": target_token, "n_alive": sum(int(a.sum()) for a in alive.values()),
     }  # fmt: skip
-    return PromptCI(g=g, alive=alive, losses=losses, settings=settings)
+    return PromptCI(g=g, alive=alive, losses=losses, settings=record)
 
 
 @_frozen_components

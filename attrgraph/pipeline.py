@@ -265,10 +265,8 @@ def attribute_prompt(
     optimize_settings = None
     if settings.optimize != "none":
         result = optimize_ci(
-            d, ids, target_pos=pos, target_token=label, mode=settings.optimize, steps=settings.steps,
-            lr=settings.lr, l_min=settings.lambda_min, pgd_steps=settings.pgd_steps, seed=settings.seed,
-            progress=progress,
-        )  # fmt: skip
+            d, ids, target_pos=pos, target_token=label, settings=settings.optimize_settings(), progress=progress
+        )
         ci, optimize_settings = result.g, result.settings
     if settings.optimize != "none" or settings.report:
         rep = faithfulness(

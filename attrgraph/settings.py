@@ -1,9 +1,10 @@
 """Every default of a prompt's attribution graph, in one frozen model (attribution-graphs.md §3–§6).
 
 `GraphSettings` is what `attrgraph.attribute_prompt` takes and what a graph stores under
-`G.graph["settings"]`. λ_min defaults to the paper's value for the optimisation mode (`L_MIN`).
-Build settings from user input with `graph_settings(**values)`, which reports a bad value as one
-sentence naming the setting.
+`G.graph["settings"]`. `OptimizeSettings` is what `attrgraph.optimize.optimize_ci` takes; the graph's
+settings hand theirs over with `GraphSettings.optimize_settings()`. λ_min defaults to the paper's value
+for the optimisation mode (`L_MIN`). Build settings from user input with `graph_settings(**values)` or
+`optimize_settings(**values)`, which report a bad value as one sentence naming the setting.
 """
 
 from __future__ import annotations
@@ -16,6 +17,47 @@ from decomposer.errors import VpdError
 
 L_MIN = {"adversarial": 0.09, "ci": 1.0, "stochastic": 0.09}  # paper values (attribution-graphs.md §4)
 DEFAULT_MAX_NODES = 7500  # subcomponent nodes whose inputs are computed; circuit-tracer's default feature cap
+
+
+class OptimizeSettings(BaseModel):
+    """How one prompt's CI is re-optimised (attribution-graphs.md §4).
+
+    Attributes:
+        mode: Which loss: "adversarial" (type 1), "ci" (type 2) or "stochastic".
+        steps: Optimisation steps.
+        lr: Peak AdamW lr (weight decay 0), cosine-decayed to `FINAL_LR_FRAC`·lr after a linear warm-up.
+        warmup_frac: Warm-up length as a fraction of `steps` (rounded up).
+        l_min: Coefficient of the minimality loss; None takes `L_MIN[mode]`.
+        p: Exponent of the minimality loss.
+        eps: Added to g̃_up before the power.
+        pgd_steps: Sign-ascent steps of the adversary per optimisation step.
+        pgd_step_size: Size of each sign step.
+        seed: Seeds the one generator behind every random draw.
+        log_every: Log the loss every this many steps.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["adversarial", "ci", "stochastic"] = "adversarial"
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    warmup_frac: float = Field(0.01, ge=0, le=1)
+    l_min: float | None = Field(None, ge=0)
+    p: float = Field(0.3, gt=0)
+    eps: float = Field(1e-6, ge=0)
+    pgd_steps: int = Field(4, ge=0)
+    pgd_step_size: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+
+    @property
+    def lambda_min(self) -> float:
+        """The minimality coefficient in effect: `l_min`, else the paper's value for `mode`."""
+        return self.l_min if self.l_min is not None else L_MIN[self.mode]
+
+
+def _default(field: str) -> object:
+    return OptimizeSettings.model_fields[field].default
 
 
 class GraphSettings(BaseModel):
@@ -47,10 +89,10 @@ class GraphSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     optimize: Literal["none", "adversarial", "ci", "stochastic"] = "none"
-    steps: int = Field(2000, ge=1)
-    lr: float = Field(1e-2, gt=0)
+    steps: int = Field(_default("steps"), ge=1)
+    lr: float = Field(_default("lr"), gt=0)
     l_min: float | None = Field(None, ge=0)
-    pgd_steps: int = Field(4, ge=0)
+    pgd_steps: int = Field(_default("pgd_steps"), ge=0)
     n_samples: int = Field(64, ge=64)
     restarts: int = Field(4, ge=1)
     seed: int = 0
@@ -70,6 +112,30 @@ class GraphSettings(BaseModel):
         """The minimality coefficient in effect: `l_min`, else the paper's value for `optimize`."""
         return self.l_min if self.l_min is not None else L_MIN.get(self.optimize)
 
+    def optimize_settings(self) -> OptimizeSettings:
+        """The settings of the per-prompt optimisation; only when `optimize` is not "none"."""
+        return OptimizeSettings(
+            mode=self.optimize, steps=self.steps, lr=self.lr, l_min=self.l_min, pgd_steps=self.pgd_steps, seed=self.seed
+        )
+
+
+def optimize_settings(base: OptimizeSettings | None = None, **values: object) -> OptimizeSettings:
+    """`OptimizeSettings` with `values` over `base` (default: the defaults).
+
+    Raises:
+        VpdError: A value of the wrong type or out of range, named with the fix.
+    """
+    try:
+        return OptimizeSettings.model_validate({**(base.model_dump() if base else {}), **values})
+    except ValidationError as err:
+        raise VpdError(_first_error(err)) from None
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    name = ".".join(str(p) for p in first["loc"]) or "settings"
+    return f"`{name}`: {first['msg'].lower()} (got {first.get('input')!r})."
+
 
 def graph_settings(base: GraphSettings | None = None, **values: object) -> GraphSettings:
     """`GraphSettings` with `values` over `base` (default: the defaults).
@@ -88,4 +154,4 @@ def graph_settings(base: GraphSettings | None = None, **values: object) -> Graph
                 f"`{name}` must be a positive integer{none}; got {first.get('input')!r}. Pass e.g. "
                 f"{DEFAULT_MAX_NODES if name == 'max_nodes' else 16}."
             ) from None
-        raise VpdError(f"`{name}`: {first['msg'].lower()} (got {first.get('input')!r}).") from None
+        raise VpdError(_first_error(err)) from None

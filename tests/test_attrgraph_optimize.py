@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attrgraph.optimize import _base_z, faithfulness, optimize_ci, pgd_sources, uniform_sources
+from attrgraph.settings import optimize_settings as _opt
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from tests.conftest import float64_decomposition, tiny_llama
@@ -39,7 +40,9 @@ def test_base_alive_set_is_mixed(setup):
 @pytest.mark.parametrize("mode", ["adversarial", "ci", "stochastic"])
 def test_non_alive_stay_zero(setup, mode):
     d, tokens = setup
-    res = optimize_ci(d, tokens, target_pos=POS, target_token=TOK, mode=mode, steps=12, lr=0.1, log_every=4)
+    res = optimize_ci(
+        d, tokens, target_pos=POS, target_token=TOK, settings=_opt(mode=mode, steps=12, lr=0.1, log_every=4)
+    )
     z = _base_z(d, tokens[:, : POS + 1])
     assert set(res.g) == set(d.module_paths)
     for path, g in res.g.items():
@@ -56,10 +59,12 @@ def test_non_alive_stay_zero(setup, mode):
 def test_ci_mode_minimality_prunes_and_ce_decreases(setup):
     d, tokens = setup
     n_base = _n_nonzero(_base_z(d, tokens[:, : POS + 1]))
-    sparse = optimize_ci(d, tokens, target_pos=POS, target_token=TOK, mode="ci", steps=40, lr=0.1, l_min=10.0)
+    sparse = optimize_ci(
+        d, tokens, target_pos=POS, target_token=TOK, settings=_opt(mode="ci", steps=40, lr=0.1, l_min=10.0)
+    )
     assert _n_nonzero(sparse.g) < 0.5 * n_base
     ce_only = optimize_ci(
-        d, tokens, target_pos=POS, target_token=TOK, mode="ci", steps=40, lr=0.1, l_min=0.0, log_every=1
+        d, tokens, target_pos=POS, target_token=TOK, settings=_opt(mode="ci", steps=40, lr=0.1, l_min=0.0, log_every=1)
     )
     assert len(ce_only.losses) == 40
     assert ce_only.losses[-1] < ce_only.losses[0] - 1e-3
@@ -139,7 +144,7 @@ def test_faithfulness_adversary_moves_every_base_alive_entry(setup):
 
 def test_optimize_is_deterministic(setup):
     d, tokens = setup
-    kw = {"target_pos": POS, "target_token": TOK, "steps": 5, "lr": 0.1, "log_every": 1}
+    kw = {"target_pos": POS, "target_token": TOK, "settings": _opt(steps=5, lr=0.1, log_every=1)}
     a, b = optimize_ci(d, tokens, **kw), optimize_ci(d, tokens, **kw)
     assert a.losses == b.losses
     assert all(torch.equal(a.g[p], b.g[p]) for p in a.g)
@@ -149,17 +154,17 @@ def test_errors(setup):
     d, tokens = setup
     kw = {"target_pos": POS, "target_token": TOK}
     with pytest.raises(VpdError, match="target_pos"):
-        optimize_ci(d, tokens, target_pos=T + 2, target_token=TOK, steps=1)
+        optimize_ci(d, tokens, target_pos=T + 2, target_token=TOK, settings=_opt(steps=1))
     with pytest.raises(VpdError, match="target_pos"):
-        optimize_ci(d, tokens, target_pos=-1, target_token=TOK, steps=1)
+        optimize_ci(d, tokens, target_pos=-1, target_token=TOK, settings=_opt(steps=1))
     with pytest.raises(VpdError, match="target_token"):
-        optimize_ci(d, tokens, target_pos=POS, target_token=VOCAB, steps=1)
+        optimize_ci(d, tokens, target_pos=POS, target_token=VOCAB, settings=_opt(steps=1))
     with pytest.raises(VpdError, match="steps"):
-        optimize_ci(d, tokens, **kw, steps=0)
+        _opt(steps=0)
     with pytest.raises(VpdError, match="mode"):
-        optimize_ci(d, tokens, **kw, mode="kl", steps=1)  # type: ignore[arg-type]
+        _opt(mode="kl", steps=1)
     with pytest.raises(VpdError, match="tokens"):
-        optimize_ci(d, tokens[0], **kw, steps=1)
+        optimize_ci(d, tokens[0], **kw, settings=_opt(steps=1))
     g = {p: torch.ones(POS + 1, C, dtype=torch.float64) for p in d.module_paths}
     with pytest.raises(VpdError, match="target_token"):
         faithfulness(d, tokens, g, target_pos=POS, target_token=-1)
