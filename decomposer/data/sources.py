@@ -123,14 +123,6 @@ SOURCES: tuple[Source, ...] = (
 )
 
 
-def source_by_name(name: str) -> Source:
-    for source in SOURCES:
-        if source.name == name:
-            return source
-    known = ", ".join(s.name for s in SOURCES)
-    raise VpdError(f"`source` {name!r} is not a known corpus source. Choose one of: {known}.")
-
-
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

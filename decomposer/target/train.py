@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from decomposer.data.corpus import corpus_paths, load_manifest
 from decomposer.data.tokens import contiguous_windows, random_windows, split_tokens
@@ -184,9 +184,3 @@ def train_target(
     atomic_write_dir(out / MODEL_DIR, fill)
     logger.info("train-target: %d steps in %.0f s, held-out CE %.3f", t.steps - start_step, elapsed, quality.heldout_ce)
     return record
-
-
-def load_trained(path: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    model = LlamaForCausalLM.from_pretrained(path)
-    model.eval()
-    return model, PreTrainedTokenizerFast.from_pretrained(path)
