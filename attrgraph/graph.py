@@ -18,12 +18,26 @@ from transformers import PreTrainedTokenizerBase
 from attrgraph.edges import Attribution, EdgeTable, attribute_edges
 from attrgraph.labels import label_for
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
+from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
 
-def _n_blocks(d: Decomposition) -> int:
+def count_blocks(d: Decomposition) -> int:
+    """Blocks of the target that hold a decomposed matrix, counted up to the last one."""
     return 1 + max(module_short_name(p)[0] for p in d.module_paths)
+
+
+def logit_tokens(probs: Tensor, label: int, settings: GraphSettings) -> list[int]:
+    """The label first, then the likeliest tokens until `logit_prob` cumulative probability, `max_logits` at most."""
+    tokens, mass = [label], 0.0
+    for tok in probs.argsort(descending=True).tolist():
+        if len(tokens) >= settings.max_logits or mass >= settings.logit_prob:
+            break
+        mass += float(probs[tok])
+        if tok != label:
+            tokens.append(tok)
+    return tokens
 
 
 def _label(node: NodeId, token: str, labels: Mapping[str, str] | None) -> str:
@@ -259,21 +273,18 @@ def build_graph(
         VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
             position out of range.
     """
-    from attrgraph.pipeline import _logit_tokens
-    from attrgraph.settings import GraphSettings
-
     ids, target_pos, label_id, probs = resolve_prompt(d, tokenizer, prompt, target_token, target_pos)
-    logit_tokens = _logit_tokens(probs, label_id, GraphSettings())
+    readout = logit_tokens(probs, label_id, GraphSettings())
     table = attribute_edges(
-        d, ids, target_pos=target_pos, logit_tokens=logit_tokens, logit_probs=probs,
+        d, ids, target_pos=target_pos, logit_tokens=readout, logit_probs=probs,
         ci=dict(ci) if ci is not None else None, weight_by_source_ci=weight_by_source_ci, batch_size=batch_size,
     )  # fmt: skip
     return table_to_networkx(
         table,
         prompt=prompt,
         prompt_tokens=[tokenizer.decode([i]) for i in ids[0, : target_pos + 1].tolist()],
-        token_text={t: tokenizer.decode([t]) for t in logit_tokens},
-        n_blocks=_n_blocks(d),
+        token_text={t: tokenizer.decode([t]) for t in readout},
+        n_blocks=count_blocks(d),
         labels=labels,
         settings={"weight_by_source_ci": weight_by_source_ci, "batch_size": batch_size},
         report=report,

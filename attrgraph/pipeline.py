@@ -204,18 +204,6 @@ class PromptGraph:
         return paths
 
 
-def _logit_tokens(probs: Tensor, label: int, settings: GraphSettings) -> list[int]:
-    """The label first, then the likeliest tokens until `logit_prob` cumulative probability, `max_logits` at most."""
-    tokens, mass = [label], 0.0
-    for tok in probs.argsort(descending=True).tolist():
-        if len(tokens) >= settings.max_logits or mass >= settings.logit_prob:
-            break
-        mass += float(probs[tok])
-        if tok != label:
-            tokens.append(tok)
-    return tokens
-
-
 def attribute_prompt(
     d: Decomposition,
     tokenizer: PreTrainedTokenizerBase,
@@ -245,7 +233,7 @@ def attribute_prompt(
         VpdError: An empty prompt, one past the model's context, a target that is not one token, a position
             out of range, or a graph whose estimated memory exceeds the limit.
     """
-    from attrgraph.graph import _n_blocks, check_prompt, table_to_networkx
+    from attrgraph.graph import check_prompt, count_blocks, logit_tokens, table_to_networkx
     from attrgraph.optimize import faithfulness, optimize_ci
     from attrgraph.qk import add_qk_pairs
 
@@ -274,9 +262,9 @@ def attribute_prompt(
             pgd_steps=settings.pgd_steps, restarts=settings.restarts, seed=settings.seed,
         )  # fmt: skip
         report = {k: float(v) if isinstance(v, float) else v for k, v in asdict(rep).items()}
-    logit_tokens = _logit_tokens(probs, label, settings)
+    readout = logit_tokens(probs, label, settings)
     table = attribute_edges(
-        d, ids, target_pos=pos, logit_tokens=logit_tokens, logit_probs=probs, ci=dict(ci),
+        d, ids, target_pos=pos, logit_tokens=readout, logit_probs=probs, ci=dict(ci),
         weight_by_source_ci=settings.weight_by_source_ci, batch_size=settings.batch_size,
         max_nodes=settings.max_nodes, progress=progress,
     )  # fmt: skip
@@ -290,8 +278,8 @@ def attribute_prompt(
     context = {
         "prompt": prompt,
         "prompt_tokens": [tokenizer.decode([i]) for i in ids[0].tolist()],
-        "token_text": {t: tokenizer.decode([t]) for t in logit_tokens},
-        "n_blocks": _n_blocks(d),
+        "token_text": {t: tokenizer.decode([t]) for t in readout},
+        "n_blocks": count_blocks(d),
         "labels": labels,
         "settings": stored,
         "report": report,

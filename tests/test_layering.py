@@ -92,13 +92,8 @@ def test_no_import_goes_down_the_layers():
     assert layer_violations(graph) == []
 
 
-# The dense-graph wrapper in attrgraph.graph still calls into the pipeline that builds on it; the only cycle
-# allowed, until that wrapper moves into attrgraph.pipeline.
-KNOWN_CYCLES = [["attrgraph.graph", "attrgraph.pipeline"]]
-
-
 def test_no_import_cycles():
-    assert [c for c in import_cycles(import_graph(ROOT)) if c not in KNOWN_CYCLES] == []
+    assert import_cycles(import_graph(ROOT)) == []
 
 
 def test_lower_layers_need_no_graph_tooling():
