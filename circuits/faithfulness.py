@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from attrgraph.nodes import NodeId
-from circuits.interventions import _check_ids, _log_probs, _logits, _readout, resolve_sites
+from circuits.interventions import check_ids, log_probs_fp32, logits_of, readout, resolve_sites
 from decomposer.errors import VpdError
 from decomposer.vpd.losses import mask_from_sources
 from decomposer.vpd.run import Decomposition
@@ -145,7 +145,7 @@ def _row(
     def log_probs(masks: dict[str, Tensor], deltas: dict[str, Tensor] | None) -> Tensor:
         n = next(iter(masks.values())).shape[0]
         with torch.no_grad():
-            return _log_probs(_logits(d.model(tokens.expand(n, -1), masks=masks, delta_masks=deltas))[:, t_star])
+            return log_probs_fp32(logits_of(d.model(tokens.expand(n, -1), masks=masks, delta_masks=deltas))[:, t_star])
 
     def mixed(gg: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
         return {p: mask_from_sources(gg[p], s[p]).reshape(-1, *gg[p].shape) for p in gg}
@@ -224,12 +224,12 @@ def circuit_faithfulness(
         raise VpdError(
             f"Need `n_samples` ≥ 1, `restarts` ≥ 1, `pgd_steps` ≥ 0; got {n_samples}, {restarts}, {pgd_steps}."
         )
-    ids = _check_ids(d, ids)
+    ids = check_ids(d, ids)
     B, T = ids.shape
     sites = resolve_sites(d, circuit_nodes, seq_len=T, name="circuit_nodes")
     with torch.no_grad():
-        target_logits = _logits(d.model.target(ids))
-    pos, tok = _readout(target_logits, target_pos, target_token)
+        target_logits = logits_of(d.model.target(ids))
+    pos, tok = readout(target_logits, target_pos, target_token)
     gen = torch.Generator().manual_seed(seed)
     from tqdm.auto import tqdm
 
@@ -242,7 +242,7 @@ def circuit_faithfulness(
         for s in sites:
             if s.pos is None or s.pos <= t_star:
                 inside[s.path][slice(None) if s.pos is None else s.pos, s.index] = True
-        ref = _log_probs(target_logits[b, t_star])
+        ref = log_probs_fp32(target_logits[b, t_star])
         rows.append(_row(d, tokens, g, alive, inside, ref, y, gen, n_samples, pgd_steps, pgd_step_size, restarts))
 
     def col(key: str) -> Tensor:

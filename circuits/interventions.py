@@ -149,7 +149,8 @@ def resolve_sites(
     return sites
 
 
-def _check_ids(d: Decomposition, ids: Tensor) -> Tensor:
+def check_ids(d: Decomposition, ids: Tensor) -> Tensor:
+    """`ids` on the model's device after checking it is a non-empty (B, T) LongTensor in the vocabulary."""
     if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype != torch.long or ids.numel() == 0:
         got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
         raise VpdError(f"`ids` must be a non-empty (B, T) LongTensor of token ids; got {got}.")
@@ -171,7 +172,8 @@ def _check_overlap(sites: Sequence[Site]) -> None:
         taken.add(site.pos)
 
 
-def _logits(out: Any) -> Tensor:
+def logits_of(out: Any) -> Tensor:
+    """The logits of an HF output object, or the tensor itself."""
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -200,7 +202,7 @@ def _bind(d: Decomposition, interventions: Intervention | Sequence[Intervention]
         sites = resolve_sites(d, iv.nodes, seq_len=seq_len)
         ref_acts = {}
         if iv.reference is not None:
-            ref = _check_ids(d, iv.reference)
+            ref = check_ids(d, iv.reference)
             with torch.no_grad():  # the clean target: reference values never see another intervention
                 _, xs = d.model.forward_with_inputs(ref)
                 for path in {s.path for s in sites}:
@@ -335,7 +337,7 @@ def generate_ids(
     Raises:
         VpdError: Bad `ids`, `max_new_tokens` < 1, or bad interventions.
     """
-    ids = _check_ids(d, ids)
+    ids = check_ids(d, ids)
     if max_new_tokens < 1:
         raise VpdError(f"`max_new_tokens` must be at least 1; got {max_new_tokens}.")
     with torch.no_grad(), intervene(d, interventions):
@@ -389,14 +391,14 @@ class InterventionResult:
     p_intervened: Tensor | None = None
 
 
-def _log_probs(logits: Tensor) -> Tensor:
-    # At least fp32: bf16 log-probabilities are too coarse for small probabilities and KLs.
+def log_probs_fp32(logits: Tensor) -> Tensor:
+    """Log-softmax in at least fp32: bf16 log-probabilities are too coarse for small probabilities and KLs."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
 def kl_divergence(target_logits: Tensor, logits: Tensor) -> Tensor:
     """KL(softmax(target_logits) ‖ softmax(logits)) over the last dimension, in nats."""
-    lp, lq = _log_probs(target_logits), _log_probs(logits)
+    lp, lq = log_probs_fp32(target_logits), log_probs_fp32(logits)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -409,7 +411,7 @@ def _per_row(name: str, value: int | Sequence[int] | Tensor, B: int) -> Tensor:
     return t.clone()
 
 
-def _readout(
+def readout(
     target_logits: Tensor, target_pos: int | Sequence[int] | None, target_token: int | Sequence[int] | None
 ) -> tuple[Tensor, Tensor] | tuple[None, None]:
     """(t*, y*) per row; a missing t* is the last position, a missing y* the target's top token at t*."""
@@ -431,14 +433,14 @@ def _readout(
 
 
 def _result(target_logits: Tensor, logits: Tensor, target_pos: Any, target_token: Any) -> InterventionResult:
-    pos, tok = _readout(target_logits, target_pos, target_token)
+    pos, tok = readout(target_logits, target_pos, target_token)
     kl = kl_divergence(target_logits, logits)
     if pos is None:
         return InterventionResult(logits, target_logits, kl)
     dev = logits.device
     rows = torch.arange(len(pos), device=dev)
-    p_t = _log_probs(target_logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
-    p_i = _log_probs(logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
+    p_t = log_probs_fp32(target_logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
+    p_i = log_probs_fp32(logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
     return InterventionResult(logits, target_logits, kl, pos, tok, p_t, p_i)
 
 
@@ -487,7 +489,7 @@ def ablate(
     Raises:
         VpdError: Bad ids, sites, kind, scale, reference, matrices in `drop_delta`, or read-out.
     """
-    ids = _check_ids(d, ids)
+    ids = check_ids(d, ids)
     B, T = ids.shape
     iv = Intervention(nodes, kind, scale, reference, seed)
     sites = resolve_sites(d, iv.nodes, seq_len=T)
@@ -503,14 +505,14 @@ def ablate(
     if dropped and kind in ("mean", "resample"):
         raise VpdError(f"`drop_delta` works with kinds zero and scale (the masked forward), not {kind!r}.")
     with torch.no_grad():
-        target_logits = _logits(d.model.target(ids))
+        target_logits = logits_of(d.model.target(ids))
         if kind in ("zero", "scale"):
             masks = _site_masks(d, sites, B, T, 1.0, 0.0 if kind == "zero" else float(scale))
             deltas = {p: torch.ones_like(m[..., 0]) for p, m in masks.items() if p not in dropped}
-            logits = _logits(d.model(ids, masks=masks, delta_masks=deltas))
+            logits = logits_of(d.model(ids, masks=masks, delta_masks=deltas))
         else:
             with intervene(d, iv, seq_len=T):
-                logits = _logits(d.model.target(ids))
+                logits = logits_of(d.model.target(ids))
     return _result(target_logits, logits, target_pos, target_token)
 
 
@@ -536,12 +538,12 @@ def keep_only(
     Raises:
         VpdError: Bad ids, sites or read-out.
     """
-    ids = _check_ids(d, ids)
+    ids = check_ids(d, ids)
     B, T = ids.shape
     sites = resolve_sites(d, nodes, seq_len=T)
     with torch.no_grad():
-        target_logits = _logits(d.model.target(ids))
+        target_logits = logits_of(d.model.target(ids))
         masks = _site_masks(d, sites, B, T, 0.0, 1.0)
         deltas = {p: torch.ones_like(m[..., 0]) for p, m in masks.items()} if keep_delta else None
-        logits = _logits(d.model(ids, masks=masks, delta_masks=deltas))
+        logits = logits_of(d.model(ids, masks=masks, delta_masks=deltas))
     return _result(target_logits, logits, target_pos, target_token)

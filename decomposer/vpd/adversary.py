@@ -30,7 +30,7 @@ from torch import Tensor
 
 from decomposer.errors import VpdError
 from decomposer.vpd.config import AdversaryConfig
-from decomposer.vpd.losses import _check_step, mask_from_sources
+from decomposer.vpd.losses import mask_from_sources, step_progress
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class PersistentPGD:
 
     def lr_at(self, step: int) -> float:
         """Ascent lr: linear from 0 over the first `warmup_frac · total_steps` steps, then `lr`."""
-        _check_step(step, self.total_steps)
+        step_progress(step, self.total_steps)
         warmup_steps = self.config.warmup_frac * self.total_steps
         if step >= warmup_steps:
             return self.config.lr

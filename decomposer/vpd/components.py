@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decomposer.errors import VpdError
-from decomposer.vpd.targets import ModuleSpec, _nearest, _suggest, read_weight, select_modules
+from decomposer.vpd.targets import ModuleSpec, name_list, nearest_names, read_weight, select_modules
 
 
 class LinearComponents(nn.Module):
@@ -253,7 +253,7 @@ class ComponentModel(nn.Module):
             if path not in known:
                 raise VpdError(
                     f"`{name}` names {path!r}, which is not a decomposed module. "
-                    f"Use one of: {_suggest(_nearest(path, self.module_paths))}."
+                    f"Use one of: {name_list(nearest_names(path, self.module_paths))}."
                 )
 
     def _check_masks(
@@ -369,7 +369,7 @@ class ComponentModel(nn.Module):
         missing = [path for path in self.module_paths if path not in cache]
         if missing:
             raise VpdError(
-                f"Decomposed modules {_suggest(missing[:5])} did not run in the target's forward. "
+                f"Decomposed modules {name_list(missing[:5])} did not run in the target's forward. "
                 "Remove them from `modules`, or pass inputs that reach them."
             )
         return output, {path: cache[path] for path in self.module_paths}

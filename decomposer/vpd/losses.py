@@ -181,7 +181,7 @@ def minimality_loss(g_up: Sequence[Tensor], p: float, eps: float, beta: float, n
     return MinimalityLosses(importance, beta * frequency_minimality(f_list, n_ref))
 
 
-def _check_step(step: int, total_steps: int) -> float:
+def step_progress(step: int, total_steps: int) -> float:
     """Validate a step and return its progress step / (total_steps − 1) in [0, 1]."""
     if total_steps < 1:
         raise VpdError(f"`total_steps` must be ≥ 1; got {total_steps}. Pass the number of training steps.")
@@ -216,7 +216,7 @@ def p_schedule(
     Raises:
         VpdError: A step outside [0, total_steps), a non-positive p, or fractions outside 0 ≤ start ≤ end ≤ 1.
     """
-    progress = _check_step(step, total_steps)
+    progress = step_progress(step, total_steps)
     if p_start <= 0 or (p_end is not None and p_end <= 0):
         raise VpdError(f"`p_start` and `p_end` must be > 0; got {p_start} and {p_end}. Pass e.g. 2.0 and 0.4.")
     if not 0.0 <= start_frac <= end_frac <= 1.0:
@@ -251,7 +251,7 @@ def cosine_lr(step: int, total_steps: int, lr0: float, final_frac: float = 0.1, 
     Raises:
         VpdError: A step outside [0, total_steps), `final_frac` outside [0, 1], or a bad `warmup_steps`.
     """
-    _check_step(step, total_steps)
+    step_progress(step, total_steps)
     if not 0.0 <= final_frac <= 1.0:
         raise VpdError(f"`final_frac` must be in [0, 1]; got {final_frac}. Pass 0.1 to end at a tenth of lr0.")
     if not 0 <= warmup_steps < total_steps:

@@ -63,14 +63,16 @@ def is_eligible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear | Conv1D)
 
 
-def _nearest(pattern: str, candidates: list[str]) -> list[str]:
+def nearest_names(pattern: str, candidates: list[str]) -> list[str]:
+    """The candidates closest to `pattern`, for a did-you-mean sentence."""
     # Compare the pattern with its wildcards stripped, so 'h.*.mlp.fc' is close to 'transformer.h.0.mlp.c_fc'.
     probe = pattern.replace("*", "").replace("?", "")
     close = difflib.get_close_matches(probe, candidates, n=_MAX_SUGGESTIONS, cutoff=0.0)
     return close or candidates[:_MAX_SUGGESTIONS]
 
 
-def _suggest(candidates: list[str]) -> str:
+def name_list(candidates: list[str]) -> str:
+    """Candidates joined for a sentence, with an ellipsis when the list was cut."""
     more = ", …" if len(candidates) >= _MAX_SUGGESTIONS else ""
     return ", ".join(candidates) + more
 
@@ -128,14 +130,14 @@ def select_modules(model: nn.Module, specs: Sequence[ModuleSpec] | Literal["auto
         if not matched:
             raise VpdError(
                 f"`modules[{i}].pattern` {spec.pattern!r} matched no module. "
-                f"Did you mean one of: {_suggest(_nearest(spec.pattern, eligible))}?"
+                f"Did you mean one of: {name_list(nearest_names(spec.pattern, eligible))}?"
             )
         if not hits:
             kinds = sorted({type(module).__name__ for path, module in named if path in set(matched)})
             raise VpdError(
                 f"`modules[{i}].pattern` {spec.pattern!r} matched only modules that are not linear "
-                f"({', '.join(kinds)}: {_suggest(matched[:_MAX_SUGGESTIONS])}). "
-                f"Point it at nn.Linear or Conv1D modules such as: {_suggest(_nearest(spec.pattern, eligible))}."
+                f"({', '.join(kinds)}: {name_list(matched[:_MAX_SUGGESTIONS])}). "
+                f"Point it at nn.Linear or Conv1D modules such as: {name_list(nearest_names(spec.pattern, eligible))}."
             )
         for path in hits:
             if path in owner:
