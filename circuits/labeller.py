@@ -9,6 +9,13 @@ OpenAI-compatible chat endpoint, configured by three environment variables:
     VPD_LLM_MODEL      the model name the endpoint expects
 
 It uses only `urllib`, so it adds no dependency. The paper labelled from up to 30 windows at CI > 0.1.
+
+No command calls it (labelling needs an endpoint and is never run in tests against a real one). From Python:
+
+    labels = label_components(load_harvest("RUN"), LLMLabeller())
+    Path("RUN/labels.json").write_text(json.dumps(labels))  # `vpd graph --run RUN` then shows them
+
+or pass that file to any run with `vpd graph --labels FILE`.
 """
 
 from __future__ import annotations
