@@ -9,7 +9,8 @@ where u^h is the head-h slice of the write vector (kv head h // (H / H_kv) for k
 mean activation over tokens where the subcomponent has CI > 0, and R_τ the relative RoPE rotation:
 S(τ) equals (R_t ũ_Q)·(R_{t−τ} ũ_K) for every absolute t (the model's rotate-half pairing, base,
 scaling and partial rotary; R = I without RoPE). Scores are per head z-scored over all (c, c′, τ) in
-0..max_offset. The per-prompt, data-dependent split lives in `attrgraph.qk`.
+0..max_offset. The per-prompt, data-dependent split lives in `attrgraph.qk`; the layout, RoPE and head helpers
+both use live in `attrgraph.attention`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attrgraph.labels import component_key
-from attrgraph.nodes import module_short_name, resolve_component
-from attrgraph.qk import (
+from attrgraph.attention import (
     apply_rope,
     attention_layout,
     attention_pattern,
@@ -35,6 +34,8 @@ from attrgraph.qk import (
     rope_of,
     split_heads,
 )
+from attrgraph.labels import component_key
+from attrgraph.nodes import module_short_name, resolve_component
 from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
 from decomposer.vpd.run import Decomposition

@@ -18,9 +18,10 @@ import torch
 import transformers as tf
 from torch import nn
 
+from attrgraph.attention import attention_pattern, qk_unavailable
 from attrgraph.edges import Attribution, attribute, direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
-from attrgraph.qk import add_qk_pairs, attention_pattern, qk_unavailable, score_decomposition, score_terms
+from attrgraph.qk import add_qk_pairs, score_decomposition, score_terms
 from decomposer.architectures import (
     PAPER_C_RATIOS,
     architecture_of,

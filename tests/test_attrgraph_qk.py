@@ -8,16 +8,13 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from attrgraph.attention import apply_rope, attention_pattern, rope_cos_sin, rope_of
 from attrgraph.edges import attribute
 from attrgraph.graph import to_networkx
 from attrgraph.qk import (
     add_qk_pairs,
-    apply_rope,
-    attention_pattern,
     data_dependent_strength,
     qk_pairs_for_o,
-    rope_cos_sin,
-    rope_of,
     score_decomposition,
     score_terms,
 )

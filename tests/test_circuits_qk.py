@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from attrgraph.attention import rope_cos_sin, rope_of
 from attrgraph.nodes import resolve_component
-from attrgraph.qk import rope_cos_sin, rope_of, score_terms
+from attrgraph.qk import score_terms
 from circuits.qk import (
     FiringStats,
     ablation_attention_effect,

@@ -122,7 +122,7 @@ def _qk_table(G: nx.DiGraph) -> tuple[str, str]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for pair in G.graph.get("qk_pairs", []) or []:
         groups[str(pair.get("o_node", ""))].append(pair)
-    if not groups:  # `qk_note` says why a decomposition has no q/k pairs (attrgraph.qk.qk_unavailable)
+    if not groups:  # `qk_note` says why a decomposition has no q/k pairs (attrgraph.attention.qk_unavailable)
         return f"<p>{_esc(G.graph.get('qk_note') or 'none')}</p>", ""
     header = "".join(f"<th>{name}</th>" for name, _ in _QK_COLUMNS)
     bodies = []
