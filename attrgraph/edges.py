@@ -548,9 +548,11 @@ class _Rows:
 
     def _backward(self, chunk: Tensor, copy: Tensor, key: Tensor | None) -> None:
         grads = torch.autograd.grad(
-            _target_sum(self.d, self.graph, self.rec, self.logits, chunk, copy), self.leaves, allow_unused=True,
+            _target_sum(self.d, self.graph, self.rec, self.logits, chunk, copy),
+            self.leaves,
+            allow_unused=True,
             retain_graph=True,
-        )  # fmt: skip
+        )
         self.backwards += 1
         n_copies = int(copy.max()) + 1
         rows = self.logits.new_zeros(n_copies, self.graph.n).detach()
@@ -708,9 +710,15 @@ def _run(
     batched: bool,
 ) -> Attribution:
     table = attribute_edges(
-        d, tokens, target_pos=target_pos, logit_tokens=logit_tokens, ci=ci, weight_by_source_ci=weight_by_source_ci,
-        batch_size=batch_size, _batched=batched,
-    )  # fmt: skip
+        d,
+        tokens,
+        target_pos=target_pos,
+        logit_tokens=logit_tokens,
+        ci=ci,
+        weight_by_source_ci=weight_by_source_ci,
+        batch_size=batch_size,
+        _batched=batched,
+    )
     return Attribution(table.nodes(), table.dense(), table.activation, table.ci, table.logit_tokens, table.target_pos)
 
 

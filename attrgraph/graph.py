@@ -49,9 +49,14 @@ def _label(node: NodeId, token: str, labels: Mapping[str, str] | None) -> str:
 
 
 def _graph_attrs(
-    prompt: str, prompt_tokens: Sequence[str], target_pos: int, target_id: int | None, target_text: str,
-    settings: Mapping | None, report: Mapping | None,
-) -> dict:  # fmt: skip
+    prompt: str,
+    prompt_tokens: Sequence[str],
+    target_pos: int,
+    target_id: int | None,
+    target_text: str,
+    settings: Mapping | None,
+    report: Mapping | None,
+) -> dict:
     return dict(
         prompt=prompt,
         prompt_tokens=list(prompt_tokens),
@@ -65,9 +70,16 @@ def _graph_attrs(
 
 
 def _node_attrs(
-    node: NodeId, token: str, ci: float, activation: float, prob: float | None, target_id: int | None,
-    token_text: Mapping[int, str], labels: Mapping[str, str] | None, n_blocks: int,
-) -> dict:  # fmt: skip
+    node: NodeId,
+    token: str,
+    ci: float,
+    activation: float,
+    prob: float | None,
+    target_id: int | None,
+    token_text: Mapping[int, str],
+    labels: Mapping[str, str] | None,
+    n_blocks: int,
+) -> dict:
     attrs = {
         "kind": node.kind,
         "module": node.module,
@@ -107,9 +119,16 @@ def to_networkx(
     target_id = att.logit_tokens[0] if att.logit_tokens else None
     G = nx.DiGraph()
     G.graph.update(
-        _graph_attrs(prompt, prompt_tokens, att.target_pos, target_id,
-                     token_text[target_id] if att.logit_tokens else "", settings, report)
-    )  # fmt: skip
+        _graph_attrs(
+            prompt,
+            prompt_tokens,
+            att.target_pos,
+            target_id,
+            token_text[target_id] if att.logit_tokens else "",
+            settings,
+            report,
+        )
+    )
     ci, act = att.ci.tolist(), att.activation.tolist()
     for i, node in enumerate(att.nodes):
         prob = float(probs[node.index]) if node.kind == "logit" else None
@@ -152,9 +171,16 @@ def table_to_networkx(
     target_id = table.logit_tokens[0] if table.logit_tokens else None
     G = nx.DiGraph()
     G.graph.update(
-        _graph_attrs(prompt, prompt_tokens, table.target_pos, target_id,
-                     token_text[target_id] if table.logit_tokens else "", settings, report)
-    )  # fmt: skip
+        _graph_attrs(
+            prompt,
+            prompt_tokens,
+            table.target_pos,
+            target_id,
+            token_text[target_id] if table.logit_tokens else "",
+            settings,
+            report,
+        )
+    )
     keep = torch.arange(table.n) if node_mask is None else node_mask.cpu().nonzero().squeeze(1)
     nodes = table.nodes(keep)
     ci, act = table.ci[keep].tolist(), table.activation[keep].tolist()
@@ -276,9 +302,15 @@ def build_graph(
     ids, target_pos, label_id, probs = resolve_prompt(d, tokenizer, prompt, target_token, target_pos)
     readout = logit_tokens(probs, label_id, GraphSettings())
     table = attribute_edges(
-        d, ids, target_pos=target_pos, logit_tokens=readout, logit_probs=probs,
-        ci=dict(ci) if ci is not None else None, weight_by_source_ci=weight_by_source_ci, batch_size=batch_size,
-    )  # fmt: skip
+        d,
+        ids,
+        target_pos=target_pos,
+        logit_tokens=readout,
+        logit_probs=probs,
+        ci=dict(ci) if ci is not None else None,
+        weight_by_source_ci=weight_by_source_ci,
+        batch_size=batch_size,
+    )
     return table_to_networkx(
         table,
         prompt=prompt,

@@ -273,9 +273,16 @@ def optimize_ci(
             else:
                 # Alive sources start from this step's uniform draw; the rest keep it, held fixed.
                 attacked, _ = pgd_sources(
-                    d, tokens, g, alive, draw, target_pos=target_pos, target_token=target_token,
-                    n_steps=pgd_steps, step_size=pgd_step_size,
-                )  # fmt: skip
+                    d,
+                    tokens,
+                    g,
+                    alive,
+                    draw,
+                    target_pos=target_pos,
+                    target_token=target_token,
+                    n_steps=pgd_steps,
+                    step_size=pgd_step_size,
+                )
                 ce_adv = _ce(d, tokens, _masks(g, attacked.r), attacked.delta, target_pos, target_token)[0]
                 loss = loss + 0.5 * ce_stoch + 0.5 * ce_adv
         # autograd.grad rather than backward, so no gradient lands on the decomposition's own parameters.
@@ -288,11 +295,23 @@ def optimize_ci(
     with torch.no_grad():
         g = {path: t.detach() for path, t in full(sigmoid_lower).items()}
     record = {
-        "mode": mode, "steps": steps, "lr": lr, "warmup_frac": warmup_frac, "warmup_steps": warmup_steps,
-        "final_lr_frac": FINAL_LR_FRAC, "l_min": l_min, "p": p, "eps": eps, "pgd_steps": pgd_steps,
-        "pgd_step_size": pgd_step_size, "seed": seed, "log_every": log_every, "target_pos": target_pos,
-        "target_token": target_token, "n_alive": sum(int(a.sum()) for a in alive.values()),
-    }  # fmt: skip
+        "mode": mode,
+        "steps": steps,
+        "lr": lr,
+        "warmup_frac": warmup_frac,
+        "warmup_steps": warmup_steps,
+        "final_lr_frac": FINAL_LR_FRAC,
+        "l_min": l_min,
+        "p": p,
+        "eps": eps,
+        "pgd_steps": pgd_steps,
+        "pgd_step_size": pgd_step_size,
+        "seed": seed,
+        "log_every": log_every,
+        "target_pos": target_pos,
+        "target_token": target_token,
+        "n_alive": sum(int(a.sum()) for a in alive.values()),
+    }
     return PromptCI(g=g, alive=alive, losses=losses, settings=record)
 
 
@@ -362,9 +381,16 @@ def faithfulness(
     worst = -math.inf
     for _ in range(restarts):
         _, ce = pgd_sources(
-            d, tokens, g, alive, uniform_sources(g, gen), target_pos=target_pos, target_token=target_token,
-            n_steps=pgd_steps, step_size=1.0,
-        )  # fmt: skip
+            d,
+            tokens,
+            g,
+            alive,
+            uniform_sources(g, gen),
+            target_pos=target_pos,
+            target_token=target_token,
+            n_steps=pgd_steps,
+            step_size=1.0,
+        )
         worst = max(worst, ce)
     return FaithfulnessReport(
         target=float(clean),

@@ -258,20 +258,40 @@ def attribute_prompt(
         ci, optimize_settings = result.g, result.settings
     if settings.optimize != "none" or settings.report:
         rep = faithfulness(
-            d, ids, ci, target_pos=pos, target_token=label, n_samples=settings.n_samples,
-            pgd_steps=settings.pgd_steps, restarts=settings.restarts, seed=settings.seed,
-        )  # fmt: skip
+            d,
+            ids,
+            ci,
+            target_pos=pos,
+            target_token=label,
+            n_samples=settings.n_samples,
+            pgd_steps=settings.pgd_steps,
+            restarts=settings.restarts,
+            seed=settings.seed,
+        )
         report = {k: float(v) if isinstance(v, float) else v for k, v in asdict(rep).items()}
     readout = logit_tokens(probs, label, settings)
     table = attribute_edges(
-        d, ids, target_pos=pos, logit_tokens=readout, logit_probs=probs, ci=dict(ci),
-        weight_by_source_ci=settings.weight_by_source_ci, batch_size=settings.batch_size,
-        max_nodes=settings.max_nodes, progress=progress,
-    )  # fmt: skip
+        d,
+        ids,
+        target_pos=pos,
+        logit_tokens=readout,
+        logit_probs=probs,
+        ci=dict(ci),
+        weight_by_source_ci=settings.weight_by_source_ci,
+        batch_size=settings.batch_size,
+        max_nodes=settings.max_nodes,
+        progress=progress,
+    )
     masks = prune_coo(
-        table.n, table.targets, table.sources, table.weights, table.kind_masks(), table.logit_weights(),
-        node_threshold=settings.node_threshold, edge_threshold=settings.edge_threshold,
-    )  # fmt: skip
+        table.n,
+        table.targets,
+        table.sources,
+        table.weights,
+        table.kind_masks(),
+        table.logit_weights(),
+        node_threshold=settings.node_threshold,
+        edge_threshold=settings.edge_threshold,
+    )
     stored = settings.model_dump()
     if optimize_settings is not None:
         stored["optimize_settings"] = optimize_settings

@@ -376,9 +376,15 @@ def prune_graph(
     sources = torch.tensor([position[u] for u, _, _ in edges], dtype=torch.long)
     weights = torch.tensor([float(data[weight]) for *_, data in edges], dtype=torch.float64)
     result = prune_coo(
-        len(nodes), targets, sources, weights, kinds, logit_weights,
-        node_threshold=node_threshold, edge_threshold=edge_threshold,
-    )  # fmt: skip
+        len(nodes),
+        targets,
+        sources,
+        weights,
+        kinds,
+        logit_weights,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+    )
     kept = [v for v, keep in zip(nodes, result.node_mask.tolist(), strict=True) if keep]
     H = _with(G, kept, [(u, v) for (u, v, _), keep in zip(edges, result.edge_mask.tolist(), strict=True) if keep])
     for v in kept:

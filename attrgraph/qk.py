@@ -372,24 +372,26 @@ def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -
                 h, s, j = (int(i) for i in idx)
                 c, c_k = divmod(int(dd_idx[h, s, j]), n_k)
                 q_node, k_node = NodeId.comp(lay.q_path, c, t), NodeId.comp(lay.k_path, c_k, s)
-                rows.append({
-                    "o_node": n,
-                    "o_label": short_label(NodeId.parse(n)),
-                    "q_node": str(q_node),
-                    "k_node": str(k_node),
-                    "q_label": short_label(q_node),
-                    "k_label": short_label(k_node),
-                    "q_in_graph": str(q_node) in G,
-                    "k_in_graph": str(k_node) in G,
-                    "query_pos": t,
-                    "key_pos": s,
-                    "head": h,
-                    "dd": float(dd[h, s, j]),
-                    "attention": float(A[h, t, s]),
-                    "head_share": float(share[h]),
-                    "strength": float(weighted[h, s, j]),
-                    "rank": rank,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "o_node": n,
+                        "o_label": short_label(NodeId.parse(n)),
+                        "q_node": str(q_node),
+                        "k_node": str(k_node),
+                        "q_label": short_label(q_node),
+                        "k_label": short_label(k_node),
+                        "q_in_graph": str(q_node) in G,
+                        "k_in_graph": str(k_node) in G,
+                        "query_pos": t,
+                        "key_pos": s,
+                        "head": h,
+                        "dd": float(dd[h, s, j]),
+                        "attention": float(A[h, t, s]),
+                        "head_share": float(share[h]),
+                        "strength": float(weighted[h, s, j]),
+                        "rank": rank,
+                    }
+                )
             found[n] = rows
     return [row for n, _ in o_nodes for row in found[n]]
 

@@ -546,9 +546,16 @@ def group_graph(G: nx.DiGraph, mapping: Mapping[str, int], *, weight: str = "wei
             H.add_node(gid, **dict(data))
         elif gid not in H:
             H.add_node(
-                gid, kind="cluster", cluster=label, pos=data.get("pos"), members=[v], ci=data.get("ci", 0.0),
-                internal_weight=0.0, token=data.get("token"), label=f"cluster {label} @{data.get('pos')}",
-            )  # fmt: skip
+                gid,
+                kind="cluster",
+                cluster=label,
+                pos=data.get("pos"),
+                members=[v],
+                ci=data.get("ci", 0.0),
+                internal_weight=0.0,
+                token=data.get("token"),
+                label=f"cluster {label} @{data.get('pos')}",
+            )
         else:
             H.nodes[gid]["members"].append(v)
             H.nodes[gid]["ci"] = max(H.nodes[gid]["ci"], data.get("ci", 0.0))

@@ -364,16 +364,40 @@ def edit_study(
 
         g_train, _ = component_activity(d, path, c, lora_ids, batch_size=batch_size)
         lora_points = lora_sweep(
-            lora_ns, lora_lambdas, target=target, module=path, train_ids=lora_ids, train_firing=g_train > threshold,
-            eval_ids=eval_ids, eval_firing=firing, token_id=token_id, ranks=lora_ranks, window=window,
-            steps=lora_steps, progress=progress,
-        )  # fmt: skip
+            lora_ns,
+            lora_lambdas,
+            target=target,
+            module=path,
+            train_ids=lora_ids,
+            train_firing=g_train > threshold,
+            eval_ids=eval_ids,
+            eval_firing=firing,
+            token_id=token_id,
+            ranks=lora_ranks,
+            window=window,
+            steps=lora_steps,
+            progress=progress,
+        )
     return EditStudy(
-        model=model, key=component_key(path, c), module=path, index=c, token=token, token_id=token_id, alpha=alpha,
-        sign=sign, mean_activation=float(acts[firing].double().mean()), metrics=metrics, sweep=points,
-        lora=lora_points, settings={"threshold": threshold, "window": window, "eval_tokens": eval_ids.numel(),
-                                    "seq_len": eval_ids.shape[1]},
-    )  # fmt: skip
+        model=model,
+        key=component_key(path, c),
+        module=path,
+        index=c,
+        token=token,
+        token_id=token_id,
+        alpha=alpha,
+        sign=sign,
+        mean_activation=float(acts[firing].double().mean()),
+        metrics=metrics,
+        sweep=points,
+        lora=lora_points,
+        settings={
+            "threshold": threshold,
+            "window": window,
+            "eval_tokens": eval_ids.numel(),
+            "seq_len": eval_ids.shape[1],
+        },
+    )
 
 
 def heldout_windows(

@@ -247,8 +247,18 @@ def train_lora(
             optimizer.step()
             curve.append(LoraStep(step, *(float(t.detach()) for t in (loss, ce, kl))))
             bar.set_postfix(loss=f"{curve[-1].loss:.4f}", refresh=False)
-    settings = {"module": module, "rank": rank, "lam": lam, "steps": steps, "lr": lr, "batch_size": batch_size,
-                "weight_decay": weight_decay, "seed": seed, "n_windows": n, "window_len": windows.shape[1]}  # fmt: skip
+    settings = {
+        "module": module,
+        "rank": rank,
+        "lam": lam,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "n_windows": n,
+        "window_len": windows.shape[1],
+    }
     return LoraResult(merge(work, module, adapter), adapter, curve, settings)
 
 
@@ -340,8 +350,14 @@ def pareto_plot(edit_points: Sequence[EditPoint], lora_points: Sequence[LoraPoin
         for i, ((rank, n), pts) in enumerate(sorted(groups.items())):
             pts = sorted(pts, key=lambda p: p.lam)
             xs_l = [getattr(p.metrics, attr) for p in pts]
-            ax.plot(xs_l, [p.metrics.efficacy for p in pts], linestyle="--", marker="sD^v"[i % 4],
-                    color=f"C{i}", label=f"LoRA r={rank}, n={n} (λ sweep)")  # fmt: skip
+            ax.plot(
+                xs_l,
+                [p.metrics.efficacy for p in pts],
+                linestyle="--",
+                marker="sD^v"[i % 4],
+                color=f"C{i}",
+                label=f"LoRA r={rank}, n={n} (λ sweep)",
+            )
             for p, x in zip(pts, xs_l, strict=True):
                 ax.annotate(
                     f"λ={p.lam:g}",

@@ -478,8 +478,17 @@ def plot_static_strength(strength: StaticStrength, q_index: int, k_index: int, p
     ax = fig.add_subplot()
     bound = float(z.abs().max()) or 1.0
     q_key, k_key = component_key(strength.q_path, q_index), component_key(strength.k_path, k_index)
-    _heat(fig, ax, z, title=f"static strength z: {q_key} × {k_key}", xlabel="offset τ = t − t′", ylabel="head",
-          cmap="RdBu_r", vmin=-bound, vmax=bound)  # fmt: skip
+    _heat(
+        fig,
+        ax,
+        z,
+        title=f"static strength z: {q_key} × {k_key}",
+        xlabel="offset τ = t − t′",
+        ylabel="head",
+        cmap="RdBu_r",
+        vmin=-bound,
+        vmax=bound,
+    )
     ax.set_xticks(range(z.shape[1]))
     ax.set_xticklabels([str(int(t)) for t in strength.offsets], fontsize=7)
     ax.set_yticks(range(z.shape[0]))

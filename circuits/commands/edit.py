@@ -56,8 +56,11 @@ def _number(flag: str, text: str, *, integer: bool = False, minimum: float | Non
     except ValueError:
         raise VpdError(f"`{flag}` {text!r} is not {kind}; pass e.g. {flag} {'10' if integer else '3'}.") from None
     if not math.isfinite(value) or (minimum is not None and value < minimum):
-        raise VpdError(f"`{flag}` must be {kind} ≥ {minimum:g}; got {text!r}." if minimum is not None else
-                       f"`{flag}` must be a finite number; got {text!r}.")  # fmt: skip
+        raise VpdError(
+            f"`{flag}` must be {kind} ≥ {minimum:g}; got {text!r}."
+            if minimum is not None
+            else f"`{flag}` must be a finite number; got {text!r}."
+        )
     return value
 
 
@@ -120,9 +123,19 @@ def _edit(args: argparse.Namespace) -> None:
     resolve_edit(d, tokenizer, args.component, args.token)  # fail before the held-out text is tokenized
     eval_ids, lora_ids = heldout_windows(d, tokenizer, eval_tokens=tokens, lora_tokens=lora_tokens if lora else 0)
     study = edit_study(
-        d, tokenizer, args.component, args.token, alpha=alpha, eval_ids=eval_ids, sweep=sweep, threshold=threshold,
-        window=window, lora_ids=lora_ids, progress=not args.json, **(lora or {}),
-    )  # fmt: skip
+        d,
+        tokenizer,
+        args.component,
+        args.token,
+        alpha=alpha,
+        eval_ids=eval_ids,
+        sweep=sweep,
+        threshold=threshold,
+        window=window,
+        lora_ids=lora_ids,
+        progress=not args.json,
+        **(lora or {}),
+    )
     files = [str(out / REPORT_FILE)] + ([str(out / PARETO_FILE)] if lora else [])
     report = {
         "format": FORMAT,
@@ -178,10 +191,14 @@ def _print(r: dict) -> None:
     def kl(v):
         return "-" if v is None else f"{v:.4g}"
 
-    print(f"edit {r['component']} → {r['token']!r} (id {r['token_id']}), α {r['alpha']:g}, σ {r['sign']:+d} "
-          f"(mean a_c {r['mean_activation']:+.4g} on firing tokens)")  # fmt: skip
-    print(f"held-out: {s['eval_tokens']:,} tokens; {m['n_firing']:,} firing (CI > {s['threshold']:g}), "
-          f"{m['n_surrounding']:,} surrounding (±{s['window']}), {m['n_global']:,} non-firing")  # fmt: skip
+    print(
+        f"edit {r['component']} → {r['token']!r} (id {r['token_id']}), α {r['alpha']:g}, σ {r['sign']:+d} "
+        f"(mean a_c {r['mean_activation']:+.4g} on firing tokens)"
+    )
+    print(
+        f"held-out: {s['eval_tokens']:,} tokens; {m['n_firing']:,} firing (CI > {s['threshold']:g}), "
+        f"{m['n_surrounding']:,} surrounding (±{s['window']}), {m['n_global']:,} non-firing"
+    )
     print(f"P(o) at firing positions: target {m['efficacy_target']:.4g} → edited {m['efficacy']:.4g}")
     print(f"D_KL,Surrounding {kl(m['kl_surrounding'])}   D_KL,Global {kl(m['kl_global'])}")
     if r["sweep"]:
@@ -191,6 +208,8 @@ def _print(r: dict) -> None:
     if r["lora"]:
         print(f"{'LoRA r':>7}{'n':>6}{'λ':>8}{'P(o)':>10}{'KL sur':>11}{'KL glob':>11}")
         for p in r["lora"]:
-            print(f"{p['rank']:>7}{p['n_windows']:>6}{p['lam']:>8g}{p['efficacy']:>10.4f}"
-                  f"{kl(p['kl_surrounding']):>11}{kl(p['kl_global']):>11}")  # fmt: skip
+            print(
+                f"{p['rank']:>7}{p['n_windows']:>6}{p['lam']:>8g}{p['efficacy']:>10.4f}"
+                f"{kl(p['kl_surrounding']):>11}{kl(p['kl_global']):>11}"
+            )
     print(f"saved the edited model to {r['out']}" + (f"; Pareto figure {r['files'][-1]}" if r["lora"] else ""))

@@ -80,9 +80,15 @@ def _graph(args: argparse.Namespace) -> None:
     d, tokenizer, _ = load_run(args.run)
     labels = merge_labels(labels_for_run(resolve_run(args.run)), user_labels)
     graph = attribute_prompt(
-        d, tokenizer, args.prompt, target=args.target, position=args.position, settings=settings, labels=labels,
+        d,
+        tokenizer,
+        args.prompt,
+        target=args.target,
+        position=args.position,
+        settings=settings,
+        labels=labels,
         progress=not args.json,
-    )  # fmt: skip
+    )
     paths = graph.save(args.out, full_json=args.save_full)
     summary = {**graph.summary(), "files": {k: str(v) for k, v in paths.items()}}
     if args.json:
