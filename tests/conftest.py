@@ -162,10 +162,18 @@ def tiny_llama(*, vocab: int = 40, hidden: int = 16, intermediate: int = 32, con
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context, bos_token_id=0,
-        eos_token_id=0, pad_token_id=0, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -273,10 +281,17 @@ def rope_llama(name: str, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=ROPE_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, max_position_embeddings=32,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.3,
+        vocab_size=ROPE_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        initializer_range=0.3,
         **{"attn_implementation": "eager", **ROPE_CONFIGS[name], **extra},
-    )  # fmt: skip
+    )
     return LlamaForCausalLM(cfg)
 
 

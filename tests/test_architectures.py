@@ -51,42 +51,69 @@ FAMILIES: dict[str, tuple[type, type, dict, tuple[str, str, bool]]] = {
     "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**_GQA, "head_dim": 4}, _ROPE),
     "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, _GQA, _ROPE),
     "gpt2": (
-        tf.GPT2Config, tf.GPT2LMHeadModel, {"n_embd": D, "n_layer": 2, "n_head": 2, "n_positions": 32},
+        tf.GPT2Config,
+        tf.GPT2LMHeadModel,
+        {"n_embd": D, "n_layer": 2, "n_head": 2, "n_positions": 32},
         ("learned", "sequential", True),
     ),
     "gpt_neox": (
-        tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM,
-        {"hidden_size": D, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "rotary_pct": 0.5},
+        tf.GPTNeoXConfig,
+        tf.GPTNeoXForCausalLM,
+        {
+            "hidden_size": D,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "rotary_pct": 0.5,
+        },
         ("rope", "parallel", True),
     ),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {**_GQA, "partial_rotary_factor": 0.5}, ("rope", "sequential", True)),
     "opt": (
-        tf.OPTConfig, tf.OPTForCausalLM,
+        tf.OPTConfig,
+        tf.OPTForCausalLM,
         {"hidden_size": D, "ffn_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "word_embed_proj_dim": D},
         _LEARNED,
     ),
     "gptj": (
-        tf.GPTJConfig, tf.GPTJForCausalLM, {"n_embd": D, "n_layer": 2, "n_head": 2, "rotary_dim": 4, "n_positions": 32},
+        tf.GPTJConfig,
+        tf.GPTJForCausalLM,
+        {"n_embd": D, "n_layer": 2, "n_head": 2, "rotary_dim": 4, "n_positions": 32},
         ("rope_interleaved", "parallel", False),
     ),
     "falcon": (
-        tf.FalconConfig, tf.FalconForCausalLM, {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 4},
+        tf.FalconConfig,
+        tf.FalconForCausalLM,
+        {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 4},
         ("rope", "parallel", True),
     ),
     "falcon_alibi": (
-        tf.FalconConfig, tf.FalconForCausalLM,
-        {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2,
-         "new_decoder_architecture": True, "alibi": True},
+        tf.FalconConfig,
+        tf.FalconForCausalLM,
+        {
+            "hidden_size": D,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_kv_heads": 2,
+            "new_decoder_architecture": True,
+            "alibi": True,
+        },
         ("alibi", "parallel", True),
     ),
     "falcon_rw": (  # Falcon-RW: q, k, v interleaved per head, ALiBi, sequential residual
-        tf.FalconConfig, tf.FalconForCausalLM,
-        {"hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 2, "multi_query": False,
-         "parallel_attn": False, "alibi": True},
+        tf.FalconConfig,
+        tf.FalconForCausalLM,
+        {
+            "hidden_size": D,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "multi_query": False,
+            "parallel_attn": False,
+            "alibi": True,
+        },
         ("alibi", "sequential", True),
     ),
-}  # fmt: skip
+}
 QK_NORM = {"qwen3", "gemma3", "olmo2"}
 AUTO = {"auto": True, "scale": 0.25}  # the paper's ratios at a quarter: C from 3 (q, k) to 19 (down)
 
@@ -419,8 +446,13 @@ def test_traced_layer_pairs_follow_the_blocks(family):
     assert EMB in pairs[by_role[(0, "qkv" if fused else "q")]]
     assert by_role[(1, "down")] in pairs[LOGIT] and by_role[(1, "o")] in pairs[LOGIT]
     # Nothing reads a later block: block 0's matrices never depend on block 1.
-    assert not any(module_short_name(s)[0] == 1 for p, srcs in pairs.items() if p != LOGIT for s in srcs
-                   if s != EMB and not s.startswith("delta/") and module_short_name(p)[0] == 0)  # fmt: skip
+    assert not any(
+        module_short_name(s)[0] == 1
+        for p, srcs in pairs.items()
+        if p != LOGIT
+        for s in srcs
+        if s != EMB and not s.startswith("delta/") and module_short_name(p)[0] == 0
+    )
 
 
 def _o_graph(att: Attribution) -> nx.DiGraph:

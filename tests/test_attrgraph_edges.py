@@ -71,9 +71,15 @@ def float64_llama() -> Iterator[None]:
 def llama(float64_llama) -> tuple[Decomposition, torch.Tensor, dict[str, torch.Tensor], Attribution]:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, **_IDS,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        **_IDS,
+    )
     d = _decomposition(LlamaForCausalLM(cfg), LLAMA_MODULES)
     tokens, ci = _setup(d, 1)
     return d, tokens, ci, attribute_reference(d, tokens, ci=ci)
@@ -94,9 +100,16 @@ def neox() -> Iterator[tuple[Decomposition, torch.Tensor, dict[str, torch.Tensor
     # Its eager softmax runs in float32; the patch keeps float64 so finite differences are clean.
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=32, rotary_pct=0.5, use_parallel_residual=True, **_IDS,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        **_IDS,
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(modeling_gpt_neox, "eager_attention_forward", _eager_attention_same_dtype)
         d = _decomposition(GPTNeoXForCausalLM(cfg), NEOX_MODULES)
@@ -214,9 +227,11 @@ def test_neox_edges_equal_intervention_effect(neox):
         (i, j)
         for i, t in enumerate(att.nodes)
         for j, s in enumerate(att.nodes)
-        if t.kind == "comp" and s.kind in ("comp", "delta") and t.module == att.nodes[up].module
+        if t.kind == "comp"
+        and s.kind in ("comp", "delta")
+        and t.module == att.nodes[up].module
         and s.module == att.nodes[o].module
-    ]  # fmt: skip
+    ]
     assert same_block and all(float(att.A[i, j]) == 0.0 for i, j in same_block)
 
 
@@ -372,9 +387,15 @@ def test_attention_without_decomposed_matrices_is_not_packed(float64_llama):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, **_IDS,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        **_IDS,
+    )
     d = _decomposition(LlamaForCausalLM(cfg), [{"pattern": "model.layers.*.mlp.*_proj", "C": C}])
     tokens, ci = _setup(d, 4)
     _, target_pos, logit_tokens, prepared, _ = _prepare(d, tokens, None, [1], ci)

@@ -22,14 +22,16 @@ def micro(micro_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("graph-target")
     train_target(micro_config(micro_data_dir, steps=4), out)
     target, tokenizer = load_target(str(out / "model"))
-    config = DecomposeConfig.model_validate({
-        "target": str(out / "model"),
-        "modules": [
-            {"pattern": "model.layers.*.self_attn.*_proj", "C": 4},
-            {"pattern": "model.layers.*.mlp.*_proj", "C": 4},
-        ],
-        "ci": {"kind": "mlp", "hidden": 4},
-    })  # fmt: skip
+    config = DecomposeConfig.model_validate(
+        {
+            "target": str(out / "model"),
+            "modules": [
+                {"pattern": "model.layers.*.self_attn.*_proj", "C": 4},
+                {"pattern": "model.layers.*.mlp.*_proj", "C": 4},
+            ],
+            "ci": {"kind": "mlp", "hidden": 4},
+        }
+    )
     torch.manual_seed(0)
     return Decomposition.create(config, target), tokenizer
 

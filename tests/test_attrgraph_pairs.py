@@ -43,10 +43,17 @@ EXPECTED: dict[str, set[str]] = {
     _p(1, "down"): {_p(1, "gate"), _p(1, "up"), _d(1, "gate"), _d(1, "up")},
     # read-out
     "logit": {
-        "emb", _p(0, "o"), _p(0, "down"), _p(1, "o"), _p(1, "down"),
-        _d(0, "o"), _d(0, "down"), _d(1, "o"), _d(1, "down"),
+        "emb",
+        _p(0, "o"),
+        _p(0, "down"),
+        _p(1, "o"),
+        _p(1, "down"),
+        _d(0, "o"),
+        _d(0, "down"),
+        _d(1, "o"),
+        _d(1, "down"),
     },
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")

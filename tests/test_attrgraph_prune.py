@@ -51,9 +51,25 @@ def test_node_id_canonical_strings() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "emb", "emb@", "emb@-1", "emb@01", "emb@1x", "comp/m/1", "comp//1@0", "comp/a/b/1@0", "logit/x@1",
-     "logit/1@", "delta/m", "delta/m@1@2", "error/m@1", " emb@1", "emb@1\n"],
-)  # fmt: skip
+    [
+        "",
+        "emb",
+        "emb@",
+        "emb@-1",
+        "emb@01",
+        "emb@1x",
+        "comp/m/1",
+        "comp//1@0",
+        "comp/a/b/1@0",
+        "logit/x@1",
+        "logit/1@",
+        "delta/m",
+        "delta/m@1@2",
+        "error/m@1",
+        " emb@1",
+        "emb@1\n",
+    ],
+)
 def test_node_id_parse_rejects(bad: str) -> None:
     with pytest.raises(VpdError, match=r"is not a canonical id; expected one of comp/\{module\}"):
         NodeId.parse(bad)
@@ -154,10 +170,19 @@ def test_short_label_and_rows() -> None:
 NAMES = ["emb0", "emb1", "c2", "c3", "c4", "d5", "c6", "L7"]
 KINDS = ["emb", "emb", "comp", "comp", "comp", "delta", "comp", "logit"]
 EDGES = {
-    ("emb0", "c2"): 3.0, ("emb1", "c2"): -1.0, ("emb1", "c3"): 2.0, ("c3", "c4"): 3.0, ("emb0", "c4"): 1.0,
-    ("c2", "c6"): 3.0, ("c4", "c6"): -1.0, ("d5", "c6"): 0.5,
-    ("c2", "L7"): 2.0, ("c6", "L7"): 4.0, ("c4", "L7"): 1.0, ("d5", "L7"): 0.5,
-}  # fmt: skip
+    ("emb0", "c2"): 3.0,
+    ("emb1", "c2"): -1.0,
+    ("emb1", "c3"): 2.0,
+    ("c3", "c4"): 3.0,
+    ("emb0", "c4"): 1.0,
+    ("c2", "c6"): 3.0,
+    ("c4", "c6"): -1.0,
+    ("d5", "c6"): 0.5,
+    ("c2", "L7"): 2.0,
+    ("c6", "L7"): 4.0,
+    ("c4", "L7"): 1.0,
+    ("d5", "L7"): 0.5,
+}
 INFLUENCE = [143 / 540, 31 / 180, 14 / 45, 17 / 180, 17 / 135, 17 / 270, 4 / 15, 0.0]
 IDX = {name: i for i, name in enumerate(NAMES)}
 
@@ -338,9 +363,15 @@ def test_prune_coo_equals_the_dense_algorithm(seed: int, node_threshold: float, 
     w = torch.zeros(len(kinds), dtype=torch.float64)
     w[[i for i, k in enumerate(kinds) if k == "logit"]] = probs
     coo = prune_coo(
-        len(kinds), targets, sources, A[targets, sources], kinds, w,
-        node_threshold=node_threshold, edge_threshold=edge_threshold,
-    )  # fmt: skip
+        len(kinds),
+        targets,
+        sources,
+        A[targets, sources],
+        kinds,
+        w,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+    )
     torch.testing.assert_close(coo.influence, dense.influence, rtol=1e-12, atol=1e-15)
     assert torch.equal(coo.node_mask, dense.node_mask)
     assert torch.equal(coo.edge_mask, dense.edge_mask[targets, sources])

@@ -148,9 +148,13 @@ def graph(setup):
     att = attribute(d, ids, target_pos=T - 1)
     tokens = [f"tok{i}" for i in ids[0].tolist()]
     return to_networkx(
-        att, prompt=" ".join(tokens), prompt_tokens=tokens, token_text={t: f"tok{t}" for t in att.logit_tokens},
-        probs=torch.full((VOCAB,), 1.0 / VOCAB), n_blocks=2,
-    )  # fmt: skip
+        att,
+        prompt=" ".join(tokens),
+        prompt_tokens=tokens,
+        token_text={t: f"tok{t}" for t in att.logit_tokens},
+        probs=torch.full((VOCAB,), 1.0 / VOCAB),
+        n_blocks=2,
+    )
 
 
 def _o_nodes(G):
@@ -198,8 +202,11 @@ def test_qk_pairs_top_pair_is_the_brute_force_maximum(setup, graph):
     top = next(p for p in top if p["o_node"] == n)
     h, s, c, c_k = where
     assert (top["head"], top["key_pos"], top["q_node"], top["k_node"]) == (
-        h, s, f"comp/{lay.q_path}/{c}@{t}", f"comp/{lay.k_path}/{c_k}@{s}"
-    )  # fmt: skip
+        h,
+        s,
+        f"comp/{lay.q_path}/{c}@{t}",
+        f"comp/{lay.k_path}/{c_k}@{s}",
+    )
     assert top["strength"] == pytest.approx(best, rel=1e-5)  # eager attention weights are float32-rounded
 
 

@@ -253,8 +253,17 @@ def test_render_html_is_offline_escaped_and_complete(graph, tmp_path):
     assert nodes[f"comp/{OUT}/3@3"]["key"] == "0.attn.o:3" and nodes[f"comp/{OUT}/3@3"]["inf"] == pytest.approx(0.08)
     assert len(data["edges"]) == graph.number_of_edges()
     q, k = f"comp/{Q}/5@3", f"comp/{K}/7@2"
-    assert data["qk"] == [{"o": _index(data, f"comp/{OUT}/3@3"), "q": _index(data, q), "k": _index(data, k),
-                           "q_label": q, "k_label": k, "key_pos": 2, "strength": 1.75}]  # fmt: skip
+    assert data["qk"] == [
+        {
+            "o": _index(data, f"comp/{OUT}/3@3"),
+            "q": _index(data, q),
+            "k": _index(data, k),
+            "q_label": q,
+            "k_label": k,
+            "key_pos": 2,
+            "strength": 1.75,
+        }
+    ]
 
     panel = page[page.index('<div id="vpd-panel">') :]
     for value in REPORT.values():

@@ -145,8 +145,12 @@ def test_save_and_load_clusters(tmp_path):
     res = cluster(f, alpha=2.0)
     path = save_clusters(res, tmp_path / "clusters.json")
     data = load_clusters(path)
-    assert data["format_version"] == 1 and data["mapping"] == {"0.attn.q:0": 0, "0.attn.q:1": 0, "0.attn.q:2": 1,
-                                                               "0.attn.q:3": 2}  # fmt: skip
+    assert data["format_version"] == 1 and data["mapping"] == {
+        "0.attn.q:0": 0,
+        "0.attn.q:1": 0,
+        "0.attn.q:2": 1,
+        "0.attn.q:3": 2,
+    }
     assert data["clusters"][0] == {"id": 0, "members": ["0.attn.q:0", "0.attn.q:1"], "tokens": 10, "rank": 2.0}
     assert data["history"][0]["a"] == "0.attn.q:0" and data["history"][0]["b"] == "0.attn.q:1"
     assert data["cost"]["final"] == pytest.approx(res.cost) and data["n_clusters"] == 3
@@ -169,9 +173,15 @@ def test_group_graph_sums_weights():
     G.add_node("emb@0", kind="emb", pos=0)
     G.add_node("logit/3@1", kind="logit", pos=1, prob=0.4)
     edges = [
-        ("emb@0", q1, 1.0), ("emb@0", q2, 2.5), (q1, o5, 0.5), (q2, o5, -0.25), (q1, q2, 0.7),
-        (q1_late, "logit/3@1", 1.5), (o5, "logit/3@1", -2.0), ("emb@0", o5, 0.125),
-    ]  # fmt: skip
+        ("emb@0", q1, 1.0),
+        ("emb@0", q2, 2.5),
+        (q1, o5, 0.5),
+        (q2, o5, -0.25),
+        (q1, q2, 0.7),
+        (q1_late, "logit/3@1", 1.5),
+        (o5, "logit/3@1", -2.0),
+        ("emb@0", o5, 0.125),
+    ]
     G.add_weighted_edges_from(edges)
     before = nx.node_link_data(G, edges="edges")
     H = group_graph(G, {"0.attn.q:1": 7, "0.attn.q:2": 7})

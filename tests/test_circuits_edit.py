@@ -303,9 +303,18 @@ def test_lora_sweep_and_pareto_png(d, ids, tmp_path):
     firing = torch.zeros_like(ids, dtype=torch.bool)
     firing[:, 4] = True
     points = lora_sweep(
-        [2, 3], [0.0, 1.0], target=d.model.target, module=DOWN, train_ids=ids, train_firing=firing,
-        eval_ids=ids, eval_firing=firing, token_id=5, window=3, steps=2,
-    )  # fmt: skip
+        [2, 3],
+        [0.0, 1.0],
+        target=d.model.target,
+        module=DOWN,
+        train_ids=ids,
+        train_firing=firing,
+        eval_ids=ids,
+        eval_firing=firing,
+        token_id=5,
+        window=3,
+        steps=2,
+    )
     assert [(p.n, p.lam) for p in points] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
     assert all(isinstance(p, LoraPoint) and p.metrics.n_firing == 4 for p in points)
     edits = [
@@ -335,9 +344,14 @@ def tiny_run(tmp_path_factory):
     AutoTokenizer.from_pretrained(bundled_target_path()).save_pretrained(root / "model")
     # The config names `bundled` so that held-out text is the bundled sample; the target is the tiny model.
     config = DecomposeConfig.model_validate(
-        {"target": "bundled", "data_dir": str(root / "no-corpus"), "modules": MODULES,
-         "ci": {"kind": "mlp", "hidden": 4}, "optim": {"seq_len": 32}}
-    )  # fmt: skip
+        {
+            "target": "bundled",
+            "data_dir": str(root / "no-corpus"),
+            "modules": MODULES,
+            "ci": {"kind": "mlp", "hidden": 4},
+            "optim": {"seq_len": 32},
+        }
+    )
     d = Decomposition.create(config, model)
     save_state(root / "run", d, step=0, target_name=str(root / "model"), train_state={})
     g = d.network_ci(torch.randint(1, 4096, (4, 32), generator=torch.Generator().manual_seed(0)))
@@ -375,9 +389,32 @@ def test_cli_edit_writes_a_loadable_model_report_and_figure(tiny_run, tmp_path, 
 
     run, key = tiny_run
     out = tmp_path / "edited"
-    args = _edit_args(run, out, "--component", key, "--alpha", "2", "--threshold", "0", "--tokens", "256",
-                      "--sweep", "0,2", "--lora", "--lora-ns", "2", "--lora-lambdas", "1", "--lora-ranks", "1",
-                      "--lora-steps", "2", "--lora-tokens", "256", "--json")  # fmt: skip
+    args = _edit_args(
+        run,
+        out,
+        "--component",
+        key,
+        "--alpha",
+        "2",
+        "--threshold",
+        "0",
+        "--tokens",
+        "256",
+        "--sweep",
+        "0,2",
+        "--lora",
+        "--lora-ns",
+        "2",
+        "--lora-lambdas",
+        "1",
+        "--lora-ranks",
+        "1",
+        "--lora-steps",
+        "2",
+        "--lora-tokens",
+        "256",
+        "--json",
+    )
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["format"] == "model_edit" and report["format_version"] == 1 and report["component"] == key

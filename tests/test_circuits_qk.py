@@ -170,8 +170,10 @@ def test_find_previous_token_pair_finds_a_planted_pair():
     z = static_strength(d, 1, signs=activation_signs(stats), max_offset=MAX_OFFSET).z
     margins = [
         float(z[h, 1, c, c_k] - torch.cat((z[h, :1, c, c_k], z[h, 2:, c, c_k])).max())
-        for c in (2, 4) for c_k in (6, 0) for h in range(z.shape[0])
-    ]  # fmt: skip
+        for c in (2, 4)
+        for c_k in (6, 0)
+        for h in range(z.shape[0])
+    ]
     assert pair.margin == pytest.approx(max(margins), rel=1e-12)
     json.dumps(pair.to_dict(), allow_nan=False)
 

@@ -65,18 +65,39 @@ def explorer_graph(n_blocks: int = 2, per_cell: int = 3) -> nx.DiGraph:
                     here.append(node)
                 below[t] = here
     for t in range(T - 1):  # cross-position edges into the last position's first o node
-        G.add_edge(f"comp/{_module(0, 'self_attn', 'k')}/0@{t}", f"comp/{_module(0, 'self_attn', 'o')}/0@{T - 1}",
-                   weight=0.3, cross_position=True)  # fmt: skip
+        G.add_edge(
+            f"comp/{_module(0, 'self_attn', 'k')}/0@{t}",
+            f"comp/{_module(0, 'self_attn', 'o')}/0@{T - 1}",
+            weight=0.3,
+            cross_position=True,
+        )
     logit = f"logit/7@{T - 1}"
-    G.add_node(logit, **base, kind="logit", pos=T - 1, row=row + 1, token=TOKENS[-1], label="→ ' crown' p=0.75",
-               prob=0.75, token_id=7, logit_token=" crown", influence=0.0)  # fmt: skip
+    G.add_node(
+        logit,
+        **base,
+        kind="logit",
+        pos=T - 1,
+        row=row + 1,
+        token=TOKENS[-1],
+        label="→ ' crown' p=0.75",
+        prob=0.75,
+        token_id=7,
+        logit_token=" crown",
+        influence=0.0,
+    )
     for src in below[T - 1]:
         G.add_edge(src, logit, weight=1.0, cross_position=False)
     o_node = f"comp/{_module(0, 'self_attn', 'o')}/0@{T - 1}"
     G.graph["qk_pairs"] = [
-        {"o_node": o_node, "q_node": f"comp/{_module(0, 'self_attn', 'q')}/0@{T - 1}",
-         "k_node": f"comp/{_module(0, 'self_attn', 'k')}/1@1", "key_pos": 1, "strength": 0.5, "q_label": XSS_SCRIPT}
-    ]  # fmt: skip
+        {
+            "o_node": o_node,
+            "q_node": f"comp/{_module(0, 'self_attn', 'q')}/0@{T - 1}",
+            "k_node": f"comp/{_module(0, 'self_attn', 'k')}/1@1",
+            "key_pos": 1,
+            "strength": 0.5,
+            "q_label": XSS_SCRIPT,
+        }
+    ]
     return G
 
 

@@ -28,9 +28,15 @@ _IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "attn_implement
 
 def tiny_llama() -> nn.Module:
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, **_IDS,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        **_IDS,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -41,9 +47,14 @@ def tiny_gpt2() -> nn.Module:
 
 def tiny_neox() -> nn.Module:
     cfg = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, **_IDS,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        **_IDS,
+    )
     return GPTNeoXForCausalLM(cfg).eval()
 
 

@@ -207,8 +207,22 @@ def test_cli_graph_with_per_prompt_optimisation(micro_target, micro_data_dir, tm
     tok = AutoTokenizer.from_pretrained(micro_target)
     target = tok.decode(tok(" her", add_special_tokens=False)["input_ids"][:1])
     capsys.readouterr()
-    args = ["graph", "--run", str(tmp_path / "run"), "--prompt", "The princess lost", "--target", target,
-            "--optimize", "adversarial", "--steps", "5", "--out", str(tmp_path / "g"), "--json"]  # fmt: skip
+    args = [
+        "graph",
+        "--run",
+        str(tmp_path / "run"),
+        "--prompt",
+        "The princess lost",
+        "--target",
+        target,
+        "--optimize",
+        "adversarial",
+        "--steps",
+        "5",
+        "--out",
+        str(tmp_path / "g"),
+        "--json",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]
     assert set(report) >= {"target", "ci", "stochastic", "adversarial", "n_nodes"}
