@@ -61,7 +61,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 # circuit-tracer 0.5.0 in its own environment (never a dependency of the package): its graph-file model checks
-# our export, then both build graphs side by side (benchmarks/peers/README.md). About 15 minutes on 2 CPUs.
+# our export, then both build graphs side by side (benchmarks/peers/README.md). About 13 CPU minutes, nearly all
+# circuit-tracer's.
 PEERS := benchmarks/peers/.venv
 $(PEERS)/.installed: benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(PEERS)
