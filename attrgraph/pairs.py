@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attrgraph.edges import direct_effect_leaves
+from attrgraph.leaves import direct_effect_leaves
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 

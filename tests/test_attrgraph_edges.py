@@ -10,7 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
-from attrgraph.edges import Attribution, attribute, attribute_reference, direct_effect_leaves
+from attrgraph.edges import Attribution, attribute, attribute_reference
+from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
