@@ -10,8 +10,10 @@ MODULES = (
     "ablate",
     "edit",
     "harvest",
+    "component",
     "qk",
     "study",
+    "cluster",
     "toy",
     "demo",
 )
