@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from attrgraph.nodes import NodeId
-from circuits.interventions import check_ids, log_probs_fp32, logits_of, readout, resolve_sites
+from circuits.interventions import check_ids, logits_of, resolve_sites
+from circuits.readout import log_probs_fp32, readout
 from decomposer.errors import VpdError
 from decomposer.vpd.losses import mask_from_sources
 from decomposer.vpd.run import Decomposition

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from attrgraph.nodes import ComponentKey, NodeId
+from circuits.readout import InterventionResult, intervention_result
 from decomposer.errors import VpdError
 from decomposer.vpd.components import as_token_grid, token_shape
 from decomposer.vpd.run import Decomposition
@@ -368,82 +369,6 @@ def generate(
 # ---------------------------------------------------------------- ablate / keep_only -----------------------
 
 
-@dataclass(frozen=True)
-class InterventionResult:
-    """Logits of one intervened forward next to the target's.
-
-    Attributes:
-        logits: (B, T, vocab) under the intervention.
-        target_logits: (B, T, vocab) of the unmodified target.
-        kl: (B, T) KL(target ‖ intervened) per position, in nats.
-        target_pos: (B,) read-out position t*, or None when no target was asked for.
-        target_token: (B,) label y*, or None.
-        p_target: (B,) P(y*) at t* under the target, or None.
-        p_intervened: (B,) P(y*) at t* under the intervention, or None.
-    """
-
-    logits: Tensor
-    target_logits: Tensor
-    kl: Tensor
-    target_pos: Tensor | None = None
-    target_token: Tensor | None = None
-    p_target: Tensor | None = None
-    p_intervened: Tensor | None = None
-
-
-def log_probs_fp32(logits: Tensor) -> Tensor:
-    """Log-softmax in at least fp32: bf16 log-probabilities are too coarse for small probabilities and KLs."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-
-
-def kl_divergence(target_logits: Tensor, logits: Tensor) -> Tensor:
-    """KL(softmax(target_logits) ‖ softmax(logits)) over the last dimension, in nats."""
-    lp, lq = log_probs_fp32(target_logits), log_probs_fp32(logits)
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
-def _per_row(name: str, value: int | Sequence[int] | Tensor, B: int) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.long).flatten().cpu()
-    if t.numel() == 1:
-        t = t.expand(B)
-    if t.numel() != B:
-        raise VpdError(f"`{name}` must be one int or one per row ({B}); got {t.numel()} values.")
-    return t.clone()
-
-
-def readout(
-    target_logits: Tensor, target_pos: int | Sequence[int] | None, target_token: int | Sequence[int] | None
-) -> tuple[Tensor, Tensor] | tuple[None, None]:
-    """(t*, y*) per row; a missing t* is the last position, a missing y* the target's top token at t*."""
-    if target_pos is None and target_token is None:
-        return None, None
-    B, T, vocab = target_logits.shape
-    pos = _per_row("target_pos", T - 1 if target_pos is None else target_pos, B)
-    if ((pos < -T) | (pos >= T)).any():
-        raise VpdError(f"`target_pos` must be in [{-T}, {T}) for {T}-token prompts; got {pos.tolist()}.")
-    pos = pos % T
-    if target_token is None:
-        dev = target_logits.device
-        tok = target_logits[torch.arange(B, device=dev), pos.to(dev)].argmax(-1).cpu()
-    else:
-        tok = _per_row("target_token", target_token, B)
-        if ((tok < 0) | (tok >= vocab)).any():
-            raise VpdError(f"`target_token` must be in [0, {vocab}), the vocabulary; got {tok.tolist()}.")
-    return pos, tok
-
-
-def _result(target_logits: Tensor, logits: Tensor, target_pos: Any, target_token: Any) -> InterventionResult:
-    pos, tok = readout(target_logits, target_pos, target_token)
-    kl = kl_divergence(target_logits, logits)
-    if pos is None:
-        return InterventionResult(logits, target_logits, kl)
-    dev = logits.device
-    rows = torch.arange(len(pos), device=dev)
-    p_t = log_probs_fp32(target_logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
-    p_i = log_probs_fp32(logits[rows, pos.to(dev)]).exp()[rows, tok.to(dev)]
-    return InterventionResult(logits, target_logits, kl, pos, tok, p_t, p_i)
-
-
 def _site_masks(d: Decomposition, sites: Sequence[Site], B: int, T: int, fill: float, value: float) -> dict:
     """Path → (B, T, C) masks equal to `fill` except `value` at the sites."""
     dtype, device = d.model.components(d.module_paths[0]).V.dtype, d.model_device
@@ -513,7 +438,7 @@ def ablate(
         else:
             with intervene(d, iv, seq_len=T):
                 logits = logits_of(d.model.target(ids))
-    return _result(target_logits, logits, target_pos, target_token)
+    return intervention_result(target_logits, logits, target_pos, target_token)
 
 
 def keep_only(
@@ -546,4 +471,4 @@ def keep_only(
         masks = _site_masks(d, sites, B, T, 0.0, 1.0)
         deltas = {p: torch.ones_like(m[..., 0]) for p, m in masks.items()} if keep_delta else None
         logits = logits_of(d.model(ids, masks=masks, delta_masks=deltas))
-    return _result(target_logits, logits, target_pos, target_token)
+    return intervention_result(target_logits, logits, target_pos, target_token)
