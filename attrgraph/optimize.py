@@ -197,6 +197,39 @@ def base_alive(d: Decomposition, tokens: Tensor) -> dict[str, Tensor]:
     return {p: sigmoid_lower(z, d.config.ci.alpha) > 0 for p, z in _base_z(d, tokens).items()}
 
 
+def _ce_terms(
+    d: Decomposition,
+    tokens: Tensor,
+    g: dict[str, Tensor],
+    alive: dict[str, Tensor],
+    gen: torch.Generator,
+    settings: OptimizeSettings,
+    target_pos: int,
+    target_token: int,
+) -> list[Tensor]:
+    """The CE terms of one step's loss for `settings.mode` (see `optimize_ci`), to be added in this order."""
+    if settings.mode == "ci":
+        return [_ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)[0]]
+    draw = uniform_sources(g, gen)
+    ce_stoch = _ce(d, tokens, _masks(g, draw.r), draw.delta, target_pos, target_token)[0]
+    if settings.mode == "stochastic":
+        return [ce_stoch]
+    # Alive sources start from this step's uniform draw; the rest keep it, held fixed.
+    attacked, _ = pgd_sources(
+        d,
+        tokens,
+        g,
+        alive,
+        draw,
+        target_pos=target_pos,
+        target_token=target_token,
+        n_steps=settings.pgd_steps,
+        step_size=settings.pgd_step_size,
+    )
+    ce_adv = _ce(d, tokens, _masks(g, attacked.r), attacked.delta, target_pos, target_token)[0]
+    return [0.5 * ce_stoch, 0.5 * ce_adv]
+
+
 @_frozen_components
 def optimize_ci(
     d: Decomposition,
@@ -235,8 +268,8 @@ def optimize_ci(
     """
     settings = OptimizeSettings() if settings is None else settings
     mode, steps, lr, l_min = settings.mode, settings.steps, settings.lr, settings.lambda_min
-    p, eps, pgd_steps, pgd_step_size = settings.p, settings.eps, settings.pgd_steps, settings.pgd_step_size
-    warmup_frac, seed, log_every = settings.warmup_frac, settings.seed, settings.log_every
+    p, eps, warmup_frac = settings.p, settings.eps, settings.warmup_frac
+    seed, log_every = settings.seed, settings.log_every
     tokens = _check_prompt(d, tokens, target_pos, target_token)
     alpha = d.config.ci.alpha
     z = _base_z(d, tokens)
@@ -263,28 +296,8 @@ def optimize_ci(
             group["lr"] = cosine_lr(step, steps, lr, FINAL_LR_FRAC, warmup_steps)
         g, g_up = full(sigmoid_lower), full(sigmoid_upper)
         loss = l_min * importance_minimality(list(g_up.values()), p, eps).loss
-        if mode == "ci":
-            loss = loss + _ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)[0]
-        else:
-            draw = uniform_sources(g, gen)
-            ce_stoch = _ce(d, tokens, _masks(g, draw.r), draw.delta, target_pos, target_token)[0]
-            if mode == "stochastic":
-                loss = loss + ce_stoch
-            else:
-                # Alive sources start from this step's uniform draw; the rest keep it, held fixed.
-                attacked, _ = pgd_sources(
-                    d,
-                    tokens,
-                    g,
-                    alive,
-                    draw,
-                    target_pos=target_pos,
-                    target_token=target_token,
-                    n_steps=pgd_steps,
-                    step_size=pgd_step_size,
-                )
-                ce_adv = _ce(d, tokens, _masks(g, attacked.r), attacked.delta, target_pos, target_token)[0]
-                loss = loss + 0.5 * ce_stoch + 0.5 * ce_adv
+        for term in _ce_terms(d, tokens, g, alive, gen, settings, target_pos, target_token):
+            loss = loss + term
         # autograd.grad rather than backward, so no gradient lands on the decomposition's own parameters.
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         for param, grad in zip(params, grads, strict=True):
@@ -294,6 +307,7 @@ def optimize_ci(
             losses.append(float(loss.detach()))
     with torch.no_grad():
         g = {path: t.detach() for path, t in full(sigmoid_lower).items()}
+    kept = settings.model_dump(include={"p", "eps", "pgd_steps", "pgd_step_size", "seed", "log_every"})
     record = {
         "mode": mode,
         "steps": steps,
@@ -302,12 +316,7 @@ def optimize_ci(
         "warmup_steps": warmup_steps,
         "final_lr_frac": FINAL_LR_FRAC,
         "l_min": l_min,
-        "p": p,
-        "eps": eps,
-        "pgd_steps": pgd_steps,
-        "pgd_step_size": pgd_step_size,
-        "seed": seed,
-        "log_every": log_every,
+        **kept,
         "target_pos": target_pos,
         "target_token": target_token,
         "n_alive": sum(int(a.sum()) for a in alive.values()),
