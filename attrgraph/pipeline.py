@@ -204,6 +204,40 @@ class PromptGraph:
         return paths
 
 
+def _fit_ci(
+    d: Decomposition,
+    ids: Tensor,
+    pos: int,
+    label: int,
+    ci: Mapping[str, Tensor],
+    settings: GraphSettings,
+    progress: bool,
+) -> tuple[Mapping[str, Tensor], dict | None, dict]:
+    """(CI the edges use, the optimisation's record or None, the faithfulness report or {}) per `settings`."""
+    from attrgraph.optimize import faithfulness, optimize_ci
+
+    optimize_settings, report = None, {}
+    if settings.optimize != "none":
+        result = optimize_ci(
+            d, ids, target_pos=pos, target_token=label, settings=settings.optimize_settings(), progress=progress
+        )
+        ci, optimize_settings = result.g, result.settings
+    if settings.optimize != "none" or settings.report:
+        rep = faithfulness(
+            d,
+            ids,
+            ci,
+            target_pos=pos,
+            target_token=label,
+            n_samples=settings.n_samples,
+            pgd_steps=settings.pgd_steps,
+            restarts=settings.restarts,
+            seed=settings.seed,
+        )
+        report = {k: float(v) if isinstance(v, float) else v for k, v in asdict(rep).items()}
+    return ci, optimize_settings, report
+
+
 def attribute_prompt(
     d: Decomposition,
     tokenizer: PreTrainedTokenizerBase,
@@ -234,7 +268,6 @@ def attribute_prompt(
             out of range, or a graph whose estimated memory exceeds the limit.
     """
     from attrgraph.graph import check_prompt, count_blocks, logit_tokens, table_to_networkx
-    from attrgraph.optimize import faithfulness, optimize_ci
     from attrgraph.qk import add_qk_pairs
 
     ids, pos, label = check_prompt(d, tokenizer, prompt, target, position)
@@ -249,26 +282,7 @@ def attribute_prompt(
     need = check_memory(d, pos + 1, sum(int((g[: pos + 1] > 0).sum()) for g in ci.values()), settings)
     if label is None:
         label = int(probs.argmax())
-    report: dict = {}
-    optimize_settings = None
-    if settings.optimize != "none":
-        result = optimize_ci(
-            d, ids, target_pos=pos, target_token=label, settings=settings.optimize_settings(), progress=progress
-        )
-        ci, optimize_settings = result.g, result.settings
-    if settings.optimize != "none" or settings.report:
-        rep = faithfulness(
-            d,
-            ids,
-            ci,
-            target_pos=pos,
-            target_token=label,
-            n_samples=settings.n_samples,
-            pgd_steps=settings.pgd_steps,
-            restarts=settings.restarts,
-            seed=settings.seed,
-        )
-        report = {k: float(v) if isinstance(v, float) else v for k, v in asdict(rep).items()}
+    ci, optimize_settings, report = _fit_ci(d, ids, pos, label, ci, settings, progress)
     readout = logit_tokens(probs, label, settings)
     table = attribute_edges(
         d,
