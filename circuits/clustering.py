@@ -41,25 +41,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import networkx as nx
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from attrgraph.labels import component_key
-from attrgraph.nodes import NodeId
-from decomposer.errors import ArtifactFormatError, VpdError
-from decomposer.io import atomic_write_json
+from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "component_clusters"
-FORMAT_VERSION = 1
 _ROW_CHUNK = 1024  # rows of score or co-firing work per vectorised block, to bound memory at large n
 _RESCAN = 8192  # pair scores per re-scan of stale rows in the lazy greedy search
 
@@ -453,154 +447,3 @@ def cluster(
         tau=firing.tau,
         n_tokens=N,
     )
-
-
-def save_clusters(result: Clustering, path: str | Path) -> Path:
-    """Write the clustering as JSON (atomically): key → cluster id, members, costs and merge history."""
-    clusters = result.clusters
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "alpha": result.alpha,
-        "tau": result.tau,
-        "n_tokens": result.n_tokens,
-        "within_matrix": result.within_matrix,
-        "stopped": result.stopped,
-        "n_subcomponents": len(result.keys),
-        "n_clusters": len(clusters),
-        "cost": {"initial": result.cost_initial, "final": result.cost},
-        "mapping": result.mapping,
-        "clusters": [
-            {"id": k, "members": clusters[k], "tokens": result.tokens[k], "rank": result.ranks[k]}
-            for k in sorted(clusters)
-        ],
-        "history": [
-            {"a": result.keys[m.a], "b": result.keys[m.b], "delta": m.delta, "cost": m.cost, "tokens": m.tokens}
-            for m in result.history
-        ],
-    }
-    return atomic_write_json(path, payload)
-
-
-def load_clusters(path: str | Path) -> dict:
-    """Read a `save_clusters` file; `["mapping"]` is the key → cluster id map for `group_graph`.
-
-    Raises:
-        VpdError: The file does not exist.
-        ArtifactFormatError: It is not a clusters file of a version this release reads.
-    """
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise VpdError(f"Clusters file {str(path)!r} does not exist. Write one with `vpd cluster`.")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-        raise ArtifactFormatError(
-            f"{path} has format {data.get('format')!r} version {data.get('format_version')!r}, but this release "
-            f"reads {FORMAT!r} version {FORMAT_VERSION}. Upgrade the package."
-        )
-    return data
-
-
-def _group_of(G: nx.DiGraph, node: object, mapping: Mapping[str, int]) -> tuple[object, int | None]:
-    """(group node id, cluster id or None) of one node of an attribution graph."""
-    if G.nodes[node].get("kind") != "comp":
-        return node, None
-    comp = NodeId.parse(str(node))
-    assert comp.module is not None and comp.index is not None, f"comp node without module or index: {node!r}"
-    label = mapping.get(component_key(comp.module, comp.index))
-    return (node, None) if label is None else (f"cluster/{label}@{comp.pos}", label)
-
-
-def group_graph(G: nx.DiGraph, mapping: Mapping[str, int], *, weight: str = "weight") -> nx.DiGraph:
-    """Collapse each (cluster, position) of an attribution graph into one node, summing edge weights.
-
-    Subcomponent nodes whose key (`1.attn.q:31`) is in `mapping` become `cluster/{id}@{t}` nodes with
-    attributes kind "cluster", cluster, pos, members (the original node ids), ci (the members' largest CI),
-    internal_weight (the summed weight of edges between members, which are dropped) and label. Every other
-    node, and subcomponents outside `mapping`, are kept with their attributes. The weight of an edge
-    between two groups is the sum over the edges between their members. With clusters that span matrices
-    the result may have cycles.
-
-    Args:
-        G: An attribution graph (`attrgraph.graph.build_graph`); not modified.
-        mapping: Component key → cluster id, e.g. `Clustering.mapping` or `load_clusters(...)["mapping"]`.
-        weight: Name of the edge-weight attribute.
-
-    Returns:
-        A new DiGraph with G's graph attributes plus `grouped=True`.
-
-    Raises:
-        VpdError: If `G` is not a DiGraph or an edge has no `weight` attribute.
-    """
-    if not isinstance(G, nx.DiGraph) or G.is_multigraph():
-        raise VpdError(f"`G` must be a networkx DiGraph; got {type(G).__name__}.")
-    H = nx.DiGraph()
-    H.graph.update(G.graph, grouped=True)
-    group = {}
-    for v, data in G.nodes(data=True):
-        gid, label = _group_of(G, v, mapping)
-        group[v] = gid
-        if label is None:
-            H.add_node(gid, **dict(data))
-        elif gid not in H:
-            H.add_node(
-                gid,
-                kind="cluster",
-                cluster=label,
-                pos=data.get("pos"),
-                members=[v],
-                ci=data.get("ci", 0.0),
-                internal_weight=0.0,
-                token=data.get("token"),
-                label=f"cluster {label} @{data.get('pos')}",
-            )
-        else:
-            H.nodes[gid]["members"].append(v)
-            H.nodes[gid]["ci"] = max(H.nodes[gid]["ci"], data.get("ci", 0.0))
-    for u, v, data in G.edges(data=True):
-        if weight not in data:
-            raise VpdError(f"Edge ({u!r}, {v!r}) of `G` has no {weight!r} attribute; check the `weight` argument.")
-        gu, gv = group[u], group[v]
-        w = float(data[weight])
-        if gu == gv:
-            H.nodes[gu]["internal_weight"] += w
-        elif H.has_edge(gu, gv):
-            H.edges[gu, gv][weight] += w
-        else:
-            H.add_edge(gu, gv, **{weight: w, "cross_position": H.nodes[gu].get("pos") != H.nodes[gv].get("pos")})
-    for _, data in H.nodes(data=True):
-        if data.get("kind") == "cluster":
-            data["label"] += f" ({len(data['members'])} subcomponents)"
-    return H
-
-
-def plot_clusters(result: Clustering, path: str | Path) -> Path:
-    """PNG: L(P) over the merges and the distribution of cluster sizes."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from decomposer.io import atomic_write_bytes
-
-    fig, (ax_cost, ax_size) = plt.subplots(1, 2, figsize=(10, 3.6))
-    costs = [result.cost_initial] + [m.cost for m in result.history]
-    ax_cost.plot(range(len(costs)), costs)
-    ax_cost.set_xlabel("merges")
-    ax_cost.set_ylabel("L(P) [bits]")
-    ax_cost.set_title(f"α = {result.alpha:g}, {result.n_tokens:,} tokens ({result.stopped})")
-    sizes = [len(m) for m in result.clusters.values()]
-    ax_size.hist(sizes, bins=range(1, max(sizes) + 2), align="left")
-    ax_size.set_xlabel("subcomponents per cluster")
-    ax_size.set_ylabel("clusters")
-    ax_size.set_yscale("log")
-    ax_size.set_title(f"{len(result.keys):,} subcomponents → {len(sizes):,} clusters")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())

@@ -11,16 +11,14 @@ import pytest
 import torch
 
 from circuits.cli import main
+from circuits.cluster_files import load_clusters, plot_clusters, save_clusters
+from circuits.cluster_graph import group_graph
 from circuits.clustering import (
     Firing,
     cluster,
     component_key,
     description_length,
     firing_matrix,
-    group_graph,
-    load_clusters,
-    plot_clusters,
-    save_clusters,
 )
 from decomposer.errors import ArtifactFormatError, VpdError
 from tests.conftest import float64_decomposition, tiny_llama
