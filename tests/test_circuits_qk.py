@@ -21,11 +21,9 @@ from circuits.qk import (
     firing_stats,
     head_norms,
     mean_attention_by_offset,
-    plot_attention_ablation,
-    plot_offset_attention,
-    plot_static_strength,
     static_strength,
 )
+from circuits.qk_plots import plot_attention_ablation, plot_offset_attention, plot_static_strength
 from decomposer.errors import VpdError
 from tests.conftest import ROPE_VOCAB as VOCAB
 from tests.conftest import rope_decomposition as decomposition

@@ -34,7 +34,7 @@ def _default_out(run: str) -> Path:
 def _qk(args: argparse.Namespace) -> None:
     import torch
 
-    from circuits import qk
+    from circuits import qk, qk_plots
     from decomposer.errors import VpdError
     from decomposer.io import atomic_write_json
     from decomposer.vpd import batches as vpd_batches
@@ -65,9 +65,9 @@ def _qk(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else _default_out(args.run)
     files = {
-        "static_strength": qk.plot_static_strength(st, pair.q_index, pair.k_index, out / "static_strength.png"),
-        "attention_ablation": qk.plot_attention_ablation(effect, out / "attention_ablation.png"),
-        "offset_attention": qk.plot_offset_attention(effect, out / "offset_attention.png"),
+        "static_strength": qk_plots.plot_static_strength(st, pair.q_index, pair.k_index, out / "static_strength.png"),
+        "attention_ablation": qk_plots.plot_attention_ablation(effect, out / "attention_ablation.png"),
+        "offset_attention": qk_plots.plot_offset_attention(effect, out / "offset_attention.png"),
     }
     summary = {
         "format": FORMAT,
