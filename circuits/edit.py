@@ -34,7 +34,7 @@ from decomposer.vpd.run import Decomposition
 from decomposer.vpd.targets import read_weight
 
 if TYPE_CHECKING:
-    from circuits.lora import LoraPoint
+    from circuits.lora import LoraPoint, LoraSweep
 
 logger = logging.getLogger(__name__)
 
@@ -323,10 +323,7 @@ def edit_study(
     threshold: float = 0.1,
     window: int = 20,
     lora_ids: Tensor | None = None,
-    lora_ns: Sequence[int] = (10, 947),
-    lora_lambdas: Sequence[float] = (0.1, 1.0, 10.0),
-    lora_ranks: Sequence[int] = (1, 4),
-    lora_steps: int = 200,
+    lora: LoraSweep | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> EditStudy:
@@ -334,7 +331,8 @@ def edit_study(
 
     σ comes from the firing positions (CI > `threshold`) of `eval_ids`. With `sweep`, every α in it is measured
     too; with `lora_ids`, LoRA adapters on the same matrix are trained on windows around firings in `lora_ids`
-    (every n × λ × rank of the `lora_*` lists; see `circuits.lora.lora_sweep`) and measured on `eval_ids`.
+    (every n × λ × rank of `lora`, default `LoraSweep()`; see `circuits.lora.lora_sweep`) and measured on
+    `eval_ids`.
 
     Raises:
         VpdError: An unknown or non-residual `key`, a `token` that is not one token, or a subcomponent that never
@@ -360,12 +358,13 @@ def edit_study(
     points = [EditPoint(a, metrics if a == alpha else measure(a)[1]) for a in sweep]
     lora_points = []
     if lora_ids is not None:
-        from circuits.lora import lora_sweep
+        from circuits.lora import LoraSweep, lora_sweep
 
+        lora = LoraSweep() if lora is None else lora
         g_train, _ = component_activity(d, path, c, lora_ids, batch_size=batch_size)
         lora_points = lora_sweep(
-            lora_ns,
-            lora_lambdas,
+            lora.ns,
+            lora.lambdas,
             target=target,
             module=path,
             train_ids=lora_ids,
@@ -373,9 +372,9 @@ def edit_study(
             eval_ids=eval_ids,
             eval_firing=firing,
             token_id=token_id,
-            ranks=lora_ranks,
+            ranks=lora.ranks,
             window=window,
-            steps=lora_steps,
+            steps=lora.steps,
             progress=progress,
         )
     return EditStudy(

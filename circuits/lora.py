@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from circuits.edit_metrics import EditMetrics, EditPoint, edit_metrics
@@ -272,6 +273,24 @@ class LoraPoint:
     lam: float
     final_loss: float
     metrics: EditMetrics
+
+
+class LoraSweep(BaseModel):
+    """The LoRA baseline of an edit study: one adapter per rank × n × λ (the defaults are the paper's grid).
+
+    Attributes:
+        ns: Training-window counts n (capped at the firings found).
+        lambdas: KL weights λ.
+        ranks: LoRA ranks.
+        steps: AdamW steps per adapter.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ns: tuple[int, ...] = (10, 947)
+    lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)
+    ranks: tuple[int, ...] = (1, 4)
+    steps: int = Field(200, ge=1)
 
 
 def lora_sweep(

@@ -32,10 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--overwrite", action="store_true", help="replace an --out folder that already holds a model")
     edit.add_argument("--sweep", default=None, help=f"comma-separated α values to measure too, e.g. {DEFAULT_SWEEP}")
     edit.add_argument("--lora", action="store_true", help="train the LoRA baseline and draw the Pareto figure")
-    edit.add_argument("--lora-ns", default="10,947", help="training-window counts n (capped at the firings found)")
-    edit.add_argument("--lora-lambdas", default="0.1,1,10", help="KL weights λ")
-    edit.add_argument("--lora-ranks", default="1,4", help="LoRA ranks")
-    edit.add_argument("--lora-steps", default="200", help="AdamW steps per LoRA")
+    # Defaults (None here) are LoraSweep's: the paper's grid.
+    edit.add_argument("--lora-ns", default=None, help="training-window counts n (capped at the firings found)")
+    edit.add_argument("--lora-lambdas", default=None, help="KL weights λ")
+    edit.add_argument("--lora-ranks", default=None, help="LoRA ranks")
+    edit.add_argument("--lora-steps", default=None, help="AdamW steps per LoRA")
     edit.add_argument(
         "--lora-tokens", default="100000", help="held-out tokens (after the evaluation ones) to cut windows from"
     )
@@ -96,6 +97,7 @@ def _metrics_dict(metrics) -> dict:
 
 def _edit(args: argparse.Namespace) -> None:
     from circuits.edit import edit_study, heldout_windows, resolve_edit
+    from circuits.lora import LoraSweep
     from decomposer.io import atomic_write_dir, atomic_write_json
     from decomposer.vpd.load import load_run
 
@@ -109,12 +111,16 @@ def _edit(args: argparse.Namespace) -> None:
     tokens = _number("--tokens", args.tokens, integer=True, minimum=1)
     lora = None
     if args.lora:
-        lora = {
-            "lora_ns": _numbers("--lora-ns", args.lora_ns, integer=True, minimum=1),
-            "lora_lambdas": _numbers("--lora-lambdas", args.lora_lambdas, minimum=0),
-            "lora_ranks": _numbers("--lora-ranks", args.lora_ranks, integer=True, minimum=1),
-            "lora_steps": _number("--lora-steps", args.lora_steps, integer=True, minimum=1),
-        }
+        given: dict = {}
+        if args.lora_ns is not None:
+            given["ns"] = _numbers("--lora-ns", args.lora_ns, integer=True, minimum=1)
+        if args.lora_lambdas is not None:
+            given["lambdas"] = _numbers("--lora-lambdas", args.lora_lambdas, minimum=0)
+        if args.lora_ranks is not None:
+            given["ranks"] = _numbers("--lora-ranks", args.lora_ranks, integer=True, minimum=1)
+        if args.lora_steps is not None:
+            given["steps"] = _number("--lora-steps", args.lora_steps, integer=True, minimum=1)
+        lora = LoraSweep(**given)
         lora_tokens = _number("--lora-tokens", args.lora_tokens, integer=True, minimum=1)
     out = Path(args.out)
     _check_out(out, args.overwrite)
@@ -133,8 +139,8 @@ def _edit(args: argparse.Namespace) -> None:
         threshold=threshold,
         window=window,
         lora_ids=lora_ids,
+        lora=lora,
         progress=not args.json,
-        **(lora or {}),
     )
     files = [str(out / REPORT_FILE)] + ([str(out / PARETO_FILE)] if lora else [])
     report = {
