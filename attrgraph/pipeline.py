@@ -172,10 +172,19 @@ class PromptGraph:
         }
 
     def save(
-        self, out: str | Path, *, stem: str = "graph", title: str | None = None, full_json: bool = False
+        self,
+        out: str | Path,
+        *,
+        stem: str = "graph",
+        title: str | None = None,
+        full_json: bool = False,
+        harvest: Any = None,
     ) -> dict[str, Path]:
         """Write the full graph (safetensors + JSON), the pruned graph (node-link JSON, circuit-tracer JSON, HTML,
-        PNG) and, with `full_json`, the full graph as node-link JSON; returns kind → path (`FILES`)."""
+        PNG) and, with `full_json`, the full graph as node-link JSON; returns kind → path (`FILES`).
+
+        `harvest` (a run or harvest folder, or what `render_html` accepts) fills the explorer's hover cards with
+        densities, top tokens and activating examples."""
         from attrgraph.artifact import save_full_graph
         from attrgraph.export import save_graph_json, to_circuit_tracer
         from attrgraph.render import render_html, render_png
@@ -196,7 +205,7 @@ class PromptGraph:
                     node_threshold=self.settings.node_threshold,
                 ),
             ),
-            "html": render_html(self.pruned, name["html"], title=title or self.prompt),
+            "html": render_html(self.pruned, name["html"], title=title or self.prompt, harvest=harvest),
             "png": render_png(self.pruned, name["png"]),
         }
         if full_json:

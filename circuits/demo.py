@@ -54,18 +54,27 @@ def _graph_for(d, tokenizer, *, graph_type: str, steps: int, target_pos: int, la
     )
 
 
-def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[str, int] | None = None) -> dict:
+def run_demo(
+    out: str | Path = "vpd-demo",
+    *,
+    run: str = "bundled",
+    steps: dict[str, int] | None = None,
+    harvest: str | Path | None = None,
+) -> dict:
     """Build, prune, label and render both princess graphs; returns the summary that `vpd demo` prints.
 
     Args:
         out: Folder for the graph files; created if missing.
         run: The decomposition (`bundled` or a run folder of the bundled target).
         steps: Graph type → per-prompt optimisation steps (default `DEFAULT_STEPS`).
+        harvest: Run or harvest folder whose statistics fill the hover cards (default: the run's own
+            harvest when it has one; the bundled run ships labels only).
 
     Returns:
         A JSON-serialisable dict: prompt, target, read-out position, and per graph type the four
         probabilities, the node count, graph and pruned-graph sizes and the written files.
     """
+    from attrgraph.harvest_format import harvest_meta_path
     from attrgraph.labels import labels_for_run
     from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
@@ -73,7 +82,10 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
     start = time.perf_counter()
     steps = {**DEFAULT_STEPS, **(steps or {})}
     d, tokenizer, _ = load_run(run)
-    labels = labels_for_run(resolve_run(run))
+    run_dir = resolve_run(run)
+    labels = labels_for_run(run_dir)
+    if harvest is None and harvest_meta_path(run_dir) is not None:
+        harvest = run_dir
     target_pos = position_before(tokenizer, PROMPT, TARGET)
     graphs = {
         graph_type: _graph_for(
@@ -91,7 +103,7 @@ def run_demo(out: str | Path = "vpd-demo", *, run: str = "bundled", steps: dict[
                 for mode in ("ci", "stochastic", "adversarial"):
                     pruned.graph["report"][f"{other}-pruned graph: {mode}"] = other_graph.report[mode]
         title = f"{PROMPT!r} → {TARGET!r} after ' lost', {graph_type}-pruned"
-        files = graph.save(out, stem=f"princess.{graph_type}", title=title)
+        files = graph.save(out, stem=f"princess.{graph_type}", title=title, harvest=harvest)
         summary["graphs"][graph_type] = {
             "lambda_min": GRAPH_TYPES[graph_type],
             "steps": steps[graph_type],

@@ -9,12 +9,15 @@ from __future__ import annotations
 import http.server
 import json
 import math
+import re
 import threading
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
 
+from attrgraph.harvest_format import harvest_meta_path
 from attrgraph.labels import (
     label_for,
     labels_for_run,
@@ -640,3 +643,17 @@ def test_cli_harvest_then_component(bundled_run, tmp_path, capsys, monkeypatch):
 def test_cli_bad_input_exits_2_with_one_line(args, message, capsys):
     assert main(args) == 2
     assert message in one_line_error(capsys)
+
+
+def test_vpd_graph_hover_cards_come_from_the_runs_harvest(bundled_run, tmp_path, capsys):
+    if harvest_meta_path(bundled_run) is None:
+        assert main(["harvest", "--run", str(bundled_run), "--tokens", "48", "--batch-size", "2", "--json"]) == 0
+    # Thresholds of 1 keep every node: this run's two q subcomponents carry little influence.
+    args = ["graph", "--run", str(bundled_run), "--prompt", "The princess lost her crown", "--json"]
+    args += ["--node-threshold", "1.0", "--edge-threshold", "1.0"]
+    assert main([*args, "--out", str(tmp_path / "g")]) == 0
+    html = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]["html"]).read_text()
+    payload = json.loads(re.search(r'<script type="application/json" id="vpd-data">(.*?)</script>', html, re.S)[1])
+    assert payload["cards"] and any(card["examples"] for card in payload["cards"].values())
+    assert main([*args, "--out", str(tmp_path / "h"), "--harvest", str(tmp_path / "none")]) == 2
+    assert "`--harvest`" in one_line_error(capsys) and not (tmp_path / "h").exists()

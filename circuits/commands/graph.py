@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     graph.add_argument(
         "--labels", default=None, help="JSON (key → label) or CSV (node,label) file; overrides harvest labels"
     )
+    graph.add_argument(
+        "--harvest",
+        default=None,
+        help="run or harvest folder for the explorer's hover cards (default: the run's own harvest, if any)",
+    )
     graph.add_argument("--qk-top", type=int, default=None, help="q/k pairs kept per o node (5; 0: none)")
     graph.add_argument(
         "--max-nodes",
@@ -53,6 +58,7 @@ def _max_nodes(text: str) -> int | str | None:
 
 
 def _graph(args: argparse.Namespace) -> None:
+    from attrgraph.harvest_format import harvest_meta_path
     from attrgraph.labels import labels_for_run, merge_labels, read_label_file
     from attrgraph.pipeline import attribute_prompt
     from attrgraph.settings import graph_settings
@@ -77,8 +83,14 @@ def _graph(args: argparse.Namespace) -> None:
     if args.optimize != "none" and args.target is None:
         raise VpdError("`--target` is required with `--optimize`: name the token to explain, e.g. ' her'.")
     user_labels = read_label_file(args.labels) if args.labels else {}  # fail on a bad file before any work
+    if args.harvest is not None and harvest_meta_path(args.harvest) is None:
+        raise VpdError(
+            f"`--harvest` {args.harvest!r} holds no harvest.json; run `vpd harvest --run RUN` first, or leave it out."
+        )
     d, tokenizer, _ = load_run(args.run)
-    labels = merge_labels(labels_for_run(resolve_run(args.run)), user_labels)
+    run_dir = resolve_run(args.run)
+    labels = merge_labels(labels_for_run(run_dir), user_labels)
+    harvest = args.harvest or (run_dir if harvest_meta_path(run_dir) is not None else None)
     graph = attribute_prompt(
         d,
         tokenizer,
@@ -89,7 +101,7 @@ def _graph(args: argparse.Namespace) -> None:
         labels=labels,
         progress=not args.json,
     )
-    paths = graph.save(args.out, full_json=args.save_full)
+    paths = graph.save(args.out, full_json=args.save_full, harvest=harvest)
     summary = {**graph.summary(), "files": {k: str(v) for k, v in paths.items()}}
     if args.json:
         json.dump(summary, sys.stdout)
