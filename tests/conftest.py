@@ -299,3 +299,24 @@ def rope_decomposition(name: str, **extra):
     """`rope_llama(name)` in float64 with every attention matrix decomposed (C = 8)."""
     torch.manual_seed(0)
     return float64_decomposition(rope_llama(name, **extra), [{"pattern": "model.layers.*.self_attn.*_proj", "C": 8}])
+
+
+# The word-level prompts of the study tests, shared with the distributed study test.
+STUDY_WORDS = ["<eos>", "the", "princess", "prince", "lost", "her", "his", "crown", "king", "said", "that", "NA"]
+STUDY_VOCAB = 40
+STUDY_MODULES = [
+    {"pattern": "model.layers.*.self_attn.*_proj", "C": 4},
+    {"pattern": "model.layers.*.mlp.*_proj", "C": 4},
+]
+STUDY_FAST = {"optimize_steps": 3, "n_samples": 64, "pgd_steps": 1, "restarts": 1, "progress": False}
+
+
+def word_tokenizer():
+    """A word-level tokenizer over `STUDY_WORDS` (unknown words map to id 0), padded to the model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(STUDY_WORDS + [f"w{i}" for i in range(len(STUDY_WORDS), STUDY_VOCAB)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>", pad_token="<eos>")

@@ -8,9 +8,11 @@ import torch
 
 from circuits.harvest import harvest, load_harvest, save_harvest
 from circuits.study import run_study
-from tests.conftest import float64_decomposition, tiny_llama
+from tests.conftest import STUDY_FAST as FAST
+from tests.conftest import STUDY_MODULES as MODULES
+from tests.conftest import STUDY_VOCAB as VOCAB
+from tests.conftest import float64_decomposition, tiny_llama, word_tokenizer
 from tests.ranks import run_ranks
-from tests.test_circuits_study import FAST, MODULES, VOCAB, word_tokenizer
 
 PROMPTS = ["the princess lost", "the prince lost", "the king said that"]
 PAIRS = [(0, 1)]

@@ -12,23 +12,11 @@ from attrgraph.nodes import NodeId, module_short_name
 from circuits.cli import main
 from circuits.study import COLUMNS, load_study, parse_prompts, run_study, save_study, study_prompt
 from decomposer.errors import VpdError
-from tests.conftest import float64_decomposition, tiny_llama
-
-WORDS = ["<eos>", "the", "princess", "prince", "lost", "her", "his", "crown", "king", "said", "that", "NA"]
-VOCAB = 40
-MODULES = [{"pattern": "model.layers.*.self_attn.*_proj", "C": 4}, {"pattern": "model.layers.*.mlp.*_proj", "C": 4}]
-FAST = {"optimize_steps": 3, "n_samples": 64, "pgd_steps": 1, "restarts": 1, "progress": False}
-
-
-def word_tokenizer():
-    """A word-level tokenizer over `WORDS` (unknown words map to id 0), padded to the model's vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(len(WORDS), VOCAB)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>", pad_token="<eos>")
+from tests.conftest import STUDY_FAST as FAST
+from tests.conftest import STUDY_MODULES as MODULES
+from tests.conftest import STUDY_VOCAB as VOCAB
+from tests.conftest import STUDY_WORDS as WORDS
+from tests.conftest import float64_decomposition, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")
