@@ -156,3 +156,13 @@ def test_a_planted_cycle_is_reported_even_through_a_lazy_import(clean_tree):
 def test_a_planted_graph_library_in_decomposer_is_reported(clean_tree):
     _write(clean_tree, {"decomposer/vpd/run.py": "import networkx as nx\n"})
     assert third_party_violations(clean_tree) == ["decomposer.vpd.run -> networkx"]
+
+
+def test_modules_import_shared_helpers_from_conftest_not_from_other_tests():
+    borrowed = [
+        f"{path.name} imports {name}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for name in imported_names(f"tests.{path.stem}", path)
+        if name.startswith("tests.test_")
+    ]
+    assert borrowed == []
