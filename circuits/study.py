@@ -55,7 +55,7 @@ from transformers import PreTrainedTokenizerBase
 
 from attrgraph.edges import KINDS
 from attrgraph.pipeline import PromptGraph
-from attrgraph.settings import L_MIN
+from attrgraph.settings import L_MIN, GraphSettings
 from circuits.clustering import component_key
 from decomposer.errors import VpdError
 from decomposer.vpd.distributed import gather_shares, my_share, rank_and_world
@@ -197,14 +197,7 @@ def study_prompt(
     graph_type: str,
     *,
     target: str | None = None,
-    optimize_steps: int = 2000,
-    l_min: float | None = None,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    n_samples: int = 64,
-    pgd_steps: int = 4,
-    restarts: int = 4,
-    seed: int = 0,
+    settings: GraphSettings | None = None,
 ) -> StudyGraph:
     """Steps 1–4 of the module docstring for one prompt and one graph type.
 
@@ -214,28 +207,19 @@ def study_prompt(
         prompt: The prompt; read out at its last token.
         graph_type: "ci", "adversarial" or "network".
         target: y*, one token; default the target model's top next token.
-        optimize_steps: Steps of the per-prompt optimisation (ignored for "network").
-        l_min: Minimality coefficient; default `L_MIN[graph_type]`.
-        node_threshold: Influence share of the nodes kept by pruning.
-        edge_threshold: Score share of the edges kept by pruning.
-        n_samples: Stochastic draws of the faithfulness report, ≥ 64.
-        pgd_steps: PGD steps of the adversarial report (and of adversarial optimisation).
-        restarts: PGD restarts of the adversarial report.
-        seed: Seeds the optimisation and the report.
+        settings: Optimisation, pruning and report settings (`GraphSettings`, its defaults by default); the graph
+            type sets `optimize`, the report is always computed and no q/k pairs are searched.
 
     Raises:
-        VpdError: Bad prompt, target or graph type, or bad settings.
+        VpdError: Bad prompt, target or graph type.
     """
     from attrgraph.pipeline import attribute_prompt
-    from attrgraph.settings import graph_settings
 
     (graph_type,) = parse_graph_types([graph_type])
     start = time.perf_counter()
-    settings = graph_settings(
-        optimize="none" if graph_type == "network" else graph_type, steps=optimize_steps, l_min=l_min,
-        node_threshold=node_threshold, edge_threshold=edge_threshold, n_samples=n_samples, pgd_steps=pgd_steps,
-        restarts=restarts, seed=seed, report=True, qk_top=0,
-    )  # fmt: skip
+    settings = (settings or GraphSettings()).model_copy(
+        update={"optimize": "none" if graph_type == "network" else graph_type, "report": True, "qk_top": 0}
+    )
     graph = attribute_prompt(d, tokenizer, prompt, target=target, settings=settings)
     rep = graph.report
     report = {
@@ -297,14 +281,8 @@ def run_study(
     targets: Sequence[str | None] | None = None,
     pairs: Sequence[tuple[int, int]] | None = None,
     graph_types: Sequence[str] = GRAPH_TYPES,
-    optimize_steps: int = 2000,
+    settings: GraphSettings | None = None,
     l_min: dict[str, float] | None = None,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    n_samples: int = 64,
-    pgd_steps: int = 4,
-    restarts: int = 4,
-    seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -317,14 +295,9 @@ def run_study(
         targets: y* per prompt (one token, or None for the target model's top token).
         pairs: Minimal pairs as (prompt index, prompt index); a prompt is in one pair at most.
         graph_types: Which of "ci", "adversarial", "network" to build, in this order.
-        optimize_steps: Steps of each per-prompt optimisation (the paper uses 2000).
-        l_min: Graph type → minimality coefficient, overriding `L_MIN`.
-        node_threshold: Influence share of the nodes kept by pruning.
-        edge_threshold: Score share of the edges kept by pruning.
-        n_samples: Stochastic draws of each faithfulness report.
-        pgd_steps: PGD steps of the adversarial report and optimisation.
-        restarts: PGD restarts of the adversarial report.
-        seed: Seeds every optimisation and report.
+        settings: Steps, PGD, report draws, pruning thresholds and seed of every graph (`GraphSettings`; its
+            defaults, the paper's 2000 steps among them, by default).
+        l_min: Graph type → minimality coefficient, overriding `L_MIN` (and `settings.l_min`).
         out: If given, write `study.csv` and `study.png` there (`save_study`).
         progress: Show a tqdm bar over prompts.
 
@@ -332,31 +305,27 @@ def run_study(
         The table, with exactly the columns `COLUMNS`; pair_id and shared_nodes are nullable integers.
 
     Raises:
-        VpdError: Bad prompts, targets, pairs, graph types or settings; checked before any optimisation.
+        VpdError: Bad prompts, targets, pairs or graph types; checked before any optimisation.
     """
     from tqdm.auto import tqdm
 
     graph_types = parse_graph_types(graph_types)
     targets, pair_of = _check_inputs(tokenizer, prompts, targets, pairs)
-    if optimize_steps < 1:
-        raise VpdError(f"`optimize_steps` must be ≥ 1; got {optimize_steps}. The paper uses 2000.")
+    settings = settings or GraphSettings()
     context = getattr(d.model.target.config, "max_position_embeddings", None)
     for i, prompt in enumerate(prompts):
         T = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if context is not None and T > context:
             raise VpdError(f"Prompt {i + 1} is {T} tokens, longer than the model's context of {context}. Shorten it.")
-    l_min = {**L_MIN, **(l_min or {})}
+    l_min = {**L_MIN, **({} if settings.l_min is None else dict.fromkeys(L_MIN, settings.l_min)), **(l_min or {})}
     done: list[tuple[int, str, dict, set[str]]] = []
     # Under torchrun each rank studies its share of the prompts; every prompt is seeded alike on its own,
     # so the gathered rows equal one process's.
     for i in tqdm(my_share(range(len(prompts))), desc="study", disable=not progress or rank_and_world()[0] != 0):
         prompt = prompts[i]
         for graph_type in graph_types:
-            res = study_prompt(
-                d, tokenizer, prompt, graph_type, target=targets[i], optimize_steps=optimize_steps,
-                l_min=l_min.get(graph_type), node_threshold=node_threshold, edge_threshold=edge_threshold,
-                n_samples=n_samples, pgd_steps=pgd_steps, restarts=restarts, seed=seed,
-            )  # fmt: skip
+            graph_settings = settings.model_copy(update={"l_min": l_min.get(graph_type)})
+            res = study_prompt(d, tokenizer, prompt, graph_type, target=targets[i], settings=graph_settings)
             done.append((i, graph_type, {
                 "prompt": prompt, "target": res.target, "target_pos": res.target_pos, "graph_type": graph_type,
                 "p_target": res.report["target"], "p_ci": res.report["ci"], "p_stochastic": res.report["stochastic"],

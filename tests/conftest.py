@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from attrgraph.settings import GraphSettings
 from decomposer.data.sources import SOURCES, Source, sha256_file
 
 
@@ -308,7 +309,8 @@ STUDY_MODULES = [
     {"pattern": "model.layers.*.self_attn.*_proj", "C": 4},
     {"pattern": "model.layers.*.mlp.*_proj", "C": 4},
 ]
-STUDY_FAST = {"optimize_steps": 3, "n_samples": 64, "pgd_steps": 1, "restarts": 1, "progress": False}
+# Few optimisation steps and PGD steps keep each study graph under a second.
+STUDY_FAST = {"settings": GraphSettings(steps=3, n_samples=64, pgd_steps=1, restarts=1), "progress": False}
 
 
 def word_tokenizer():

@@ -98,7 +98,7 @@ def test_study_table(setup, tmp_path):
     assert table["n_nodes"][2] == sum(int((v > 0).sum()) for v in g.values())
 
     # shared_nodes is the overlap of the two graphs' component keys, per graph type; rebuild them.
-    kw = {k: v for k, v in FAST.items() if k != "progress"}
+    kw = {"settings": FAST["settings"]}
     for row, graph_type in [(0, "ci"), (2, "network")]:  # the adversarial rows go the same way
         a = study_prompt(d, tok, spec.prompts[0], graph_type, target=" her", **kw)
         b = study_prompt(d, tok, spec.prompts[1], graph_type, target=" his", **kw)

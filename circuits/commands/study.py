@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _study(args: argparse.Namespace) -> None:
+    from attrgraph.settings import GraphSettings
     from circuits.study import parse_graph_types, read_prompts, run_study
     from decomposer.errors import VpdError
     from decomposer.vpd.distributed import torchrun_group
@@ -36,9 +37,15 @@ def _study(args: argparse.Namespace) -> None:
     # Under torchrun each rank studies its share of the prompts; rank 0 writes and prints the whole table.
     with torchrun_group() as (rank, _):
         table = run_study(
-            d, tokenizer, spec.prompts, targets=spec.targets, pairs=spec.pairs, graph_types=graph_types,
-            optimize_steps=args.steps, out=args.out,
-        )  # fmt: skip
+            d,
+            tokenizer,
+            spec.prompts,
+            targets=spec.targets,
+            pairs=spec.pairs,
+            graph_types=graph_types,
+            settings=GraphSettings(steps=args.steps),
+            out=args.out,
+        )
     if rank != 0:
         return
     out = Path(args.out)
