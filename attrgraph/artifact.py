@@ -19,7 +19,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from attrgraph.edges import KINDS, EdgeTable
+from attrgraph.edge_table import KINDS, EdgeTable
 from decomposer.errors import ArtifactFormatError
 from decomposer.io import atomic_write_bytes, atomic_write_json
 

@@ -28,7 +28,7 @@ Algorithm:
    only its own targets. A copy carries one target per position plus one attention-output (o) target
    per block: under the cut a target at position t that reads the residual stream or an MLP's hidden
    layer reaches only leaves at t, and an o target of block b only block b's q/k/v leaves, so each
-   source's gradient belongs to the target in its slot (`_slot_groups`; without decomposed q/k/v and
+   source's gradient belongs to the target in its slot (`slot_groups`; without decomposed q/k/v and
    o in every block, one target per copy). The copy-independent parts of the hook (a, x Δᵀ,
    a_dead @ U) are computed once and broadcast. `attribute_reference` does one `autograd.grad` per
    target instead, with every (t, c) entry a leaf.
@@ -45,271 +45,31 @@ All pairs are computed; structurally disallowed pairs (§2.3, §2.4) come out as
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
+from attrgraph.edge_table import KINDS, Attribution, EdgeTable
 from attrgraph.leaves import LeafRecord, direct_effect_leaves
-from attrgraph.nodes import NodeId
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
 __all__ = [
-    "KINDS",
-    "Attribution",
-    "EdgeTable",
     "attribute",
     "attribute_edges",
     "attribute_reference",
-    "top_logit_tokens",
 ]
 
 
-@dataclass(frozen=True)
-class Attribution:
-    """One prompt's attribution graph.
-
-    Attributes:
-        nodes: Node list; its order indexes `A`, `activation` and `ci`.
-        A: Dense (n, n) edge weights, A[target, source].
-        activation: Per node: a for comp, ‖e‖ for emb, ‖δ‖ for delta, the raw logit for logit nodes.
-        ci: Per node: g for comp nodes, 1.0 (the factor used on their edges) for the other kinds.
-        logit_tokens: Token ids of the logit nodes, in node order.
-        target_pos: Position t* of the read-out.
-    """
-
-    nodes: list[NodeId]
-    A: Tensor
-    activation: Tensor
-    ci: Tensor
-    logit_tokens: list[int]
-    target_pos: int
-
-
-KINDS = ("emb", "comp", "delta", "logit")  # `EdgeTable.kind` holds indices into this tuple
 # The budget's first queues hold this many batches of targets between influence estimates; larger first
 # queues pick by the logits' direct inputs alone and miss influential nodes further down.
 QUEUE_BATCHES = 1
 
 
-@dataclass(frozen=True)
-class EdgeTable:
-    """One prompt's attribution graph as tensors: a node table and the COO edges among its nodes.
-
-    Nodes come in the order of `Attribution.nodes`: embeddings, subcomponents per module (position-major),
-    deltas per module, logits. With a node budget only the chosen subcomponents are nodes; every edge into
-    a node is exact, and edges from subcomponents outside the budget are left out.
-
-    Attributes:
-        module_paths: The decomposed modules; `module` indexes this list.
-        kind: (n,) int8 index into `KINDS`.
-        pos: (n,) position.
-        module: (n,) module index, -1 for emb and logit nodes.
-        index: (n,) c for comp nodes, the token id for logit nodes, -1 otherwise.
-        activation: (n,) as `Attribution.activation`.
-        ci: (n,) as `Attribution.ci`.
-        targets: (nnz,) target node of each nonzero edge.
-        sources: (nnz,) its source node.
-        weights: (nnz,) its signed weight.
-        logit_tokens: Token ids of the logit nodes, in node order.
-        logit_probs: (n_logits,) float64 P(token) at t* under the target.
-        target_pos: t*.
-        n_candidates: Subcomponent nodes alive on the prompt before the budget chose among them.
-    """
-
-    module_paths: list[str]
-    kind: Tensor
-    pos: Tensor
-    module: Tensor
-    index: Tensor
-    activation: Tensor
-    ci: Tensor
-    targets: Tensor
-    sources: Tensor
-    weights: Tensor
-    logit_tokens: list[int]
-    logit_probs: Tensor
-    target_pos: int
-    n_candidates: int
-
-    @property
-    def n(self) -> int:
-        return int(self.kind.numel())
-
-    def nodes(self, which: Tensor | None = None) -> list[NodeId]:
-        """NodeIds of all nodes, or of the node indices in `which` (read in one transfer, not per node)."""
-        columns = (self.kind, self.pos, self.module, self.index)
-        if which is not None:
-            which = which.to(self.kind.device)
-            columns = tuple(c[which] for c in columns)
-        out = []
-        for kind, pos, module, index in zip(*(c.tolist() for c in columns), strict=True):
-            kind = KINDS[kind]
-            if kind == "emb":
-                out.append(NodeId.emb(pos))
-            elif kind == "comp":
-                out.append(NodeId.comp(self.module_paths[module], index, pos))
-            elif kind == "delta":
-                out.append(NodeId.delta(self.module_paths[module], pos))
-            else:
-                out.append(NodeId.logit(index, pos))
-        return out
-
-    def kind_masks(self) -> dict[str, Tensor]:
-        return {k: self.kind == i for i, k in enumerate(KINDS)}
-
-    def logit_weights(self) -> Tensor:
-        """(n,) float64: each logit node's probability, zero elsewhere (the w of influence)."""
-        w = torch.zeros(self.n, dtype=torch.float64, device=self.kind.device)
-        w[self.kind == KINDS.index("logit")] = self.logit_probs.to(w)
-        return w
-
-    def dense(self) -> Tensor:
-        """The (n, n) adjacency A[target, source]; for small graphs only (tests, the dense API)."""
-        A = self.weights.new_zeros(self.n, self.n)
-        A[self.targets, self.sources] = self.weights
-        return A
-
-
-def _prepare(
-    d: Decomposition, tokens: Tensor, target_pos: int | None, logit_tokens: Sequence[int] | None, ci: Any
-) -> tuple[Tensor, int, list[int] | None, dict[str, Tensor], Tensor | None]:
-    """Checked (tokens, t*, logit tokens, CI, P(· at t*)); runs the model only when the CI or the tokens are missing."""
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0 or tokens.is_floating_point():
-        raise VpdError(f"`tokens` must be an integer tensor of shape (T,) or (1, T); got {tuple(tokens.shape)}.")
-    T = tokens.shape[1]
-    target_pos = T - 1 if target_pos is None else target_pos
-    if not 0 <= target_pos < T:
-        raise VpdError(f"`target_pos` must be in [0, {T - 1}] for a {T}-token prompt; got {target_pos}.")
-    tokens = tokens[:, : target_pos + 1].to(d.model_device)
-    probs = None
-    if ci is None or logit_tokens is None:
-        with torch.no_grad():
-            out, xs = d.model.forward_with_inputs(tokens)
-            probs = out.logits[0, target_pos].double().softmax(-1)
-            if ci is None:
-                ci = {p: g[0] for p, g in d.causal_importance(xs)[0].items()}
-        if logit_tokens is None:
-            logit_tokens = top_logit_tokens(probs)
-    if set(ci) != set(d.module_paths):
-        raise VpdError(f"`ci` must have one entry per decomposed module, {d.module_paths}; got {sorted(ci)}.")
-    ci = {p: (g[0] if g.ndim == 3 else g)[: target_pos + 1].detach().to(d.model_device) for p, g in ci.items()}
-    for p, g in ci.items():
-        if g.shape != (target_pos + 1, d.Cs[p]):
-            raise VpdError(f"`ci[{p!r}]` must be (T, {d.Cs[p]}) or (1, T, {d.Cs[p]}); got {tuple(g.shape)}.")
-    return tokens, target_pos, list(logit_tokens), ci, probs
-
-
-def top_logit_tokens(probs: Tensor, max_logits: int = 10, logit_prob: float = 0.95) -> list[int]:
-    """The likeliest tokens until their cumulative probability reaches `logit_prob`, at most `max_logits`."""
-    p, order = probs.sort(descending=True)
-    n = int(torch.searchsorted(p.cumsum(0), torch.tensor(logit_prob, dtype=p.dtype, device=p.device))) + 1
-    return order[: min(n, max_logits)].tolist()
-
-
-class _Graph:
-    """Node table of every candidate node plus the index tensors that turn leaf gradients into rows of A."""
-
-    def __init__(self, d: Decomposition, T: int, target_pos: int, logit_tokens: list[int], ci: dict[str, Tensor]):
-        self.paths = d.module_paths
-        device = d.model_device
-        ar = torch.arange(T, device=device)
-        neg = torch.full((T,), -1, dtype=torch.long, device=device)
-        kinds, pos, module, index = [torch.zeros(T, dtype=torch.int8, device=device)], [ar], [neg], [neg]
-        self.comp_idx: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # path → (t, c, node index)
-        n = T
-        for j, p in enumerate(self.paths):
-            t_idx, c_idx = (ci[p] > 0).nonzero(as_tuple=True)
-            self.comp_idx[p] = (t_idx, c_idx, torch.arange(n, n + len(t_idx), device=device))
-            n += len(t_idx)
-            kinds.append(torch.full_like(t_idx, KINDS.index("comp"), dtype=torch.int8))
-            pos.append(t_idx)
-            module.append(torch.full_like(t_idx, j))
-            index.append(c_idx)
-        self.delta_start = {}
-        for j, p in enumerate(self.paths):
-            self.delta_start[p] = n
-            n += T
-            kinds.append(torch.full((T,), KINDS.index("delta"), dtype=torch.int8, device=device))
-            pos.append(ar)
-            module.append(torch.full((T,), j, dtype=torch.long, device=device))
-            index.append(neg)
-        self.logit_start = n
-        L = len(logit_tokens)
-        kinds.append(torch.full((L,), KINDS.index("logit"), dtype=torch.int8, device=device))
-        pos.append(torch.full((L,), target_pos, dtype=torch.long, device=device))
-        module.append(torch.full((L,), -1, dtype=torch.long, device=device))
-        index.append(torch.tensor(logit_tokens, dtype=torch.long, device=device))
-        self.kind, self.pos, self.module, self.index = (torch.cat(x) for x in (kinds, pos, module, index))
-        self.n = n + L
-        self.T, self.target_pos, self.logit_tokens, self.ci = T, target_pos, logit_tokens, ci
-
-    def comp_nodes(self) -> Tensor:
-        return (self.kind == KINDS.index("comp")).nonzero().squeeze(1)
-
-    def logit_nodes(self) -> Tensor:
-        return torch.arange(self.logit_start, self.n, device=self.kind.device)
-
-    def alive(self) -> dict[str, Tensor]:
-        """Path → (T, C) mask of the comp nodes; leaf columns then follow the node order of `comp_idx`."""
-        return {p: self.ci[p] > 0 for p in self.paths}
-
-    def bind(self, rec: LeafRecord, weight_by_ci: bool) -> None:
-        """Find each comp node's column in its module's leaf and its edge factor a_s (· g_s), once per forward."""
-        self.cols: dict[str, Tensor | None] = {}
-        self.weight: dict[str, Tensor] = {}
-        for p in self.paths:
-            t_idx, c_idx, _ = self.comp_idx[p]
-            leaf_t, leaf_c = rec.comp_index[p]
-            col_of = torch.full(self.ci[p].shape, -1, dtype=torch.long, device=leaf_t.device)
-            col_of[leaf_t, leaf_c] = torch.arange(len(leaf_t), device=leaf_t.device)
-            cols = col_of[t_idx, c_idx]
-            if bool((cols < 0).any()):  # cannot happen for leaves made from `alive()` or for alive=None
-                raise RuntimeError(f"the leaves of {p!r} lack some comp nodes of the graph")
-            weight = rec.comp_leaves[p][0, cols].detach()
-            self.weight[p] = weight * self.ci[p][t_idx, c_idx].to(weight) if weight_by_ci else weight
-            # Leaves made from the graph's own alive masks hold exactly its comp nodes, in order.
-            same = len(cols) == len(leaf_t) and torch.equal(cols, torch.arange(len(cols), device=cols.device))
-            self.cols[p] = None if same else cols
-
-    def source_rows(self, rec: LeafRecord, grads: Sequence[Tensor | None], out: Tensor) -> None:
-        """Write the edge weights from every source node for the targets of copies 0..k-1 into `out` (k, n).
-
-        `bind` must have run on `rec`. `out` must hold zeros: a leaf the targets do not reach has no gradient
-        (None) and is skipped.
-        """
-        k = out.shape[0]
-        grad_of = {id(leaf): g for leaf, g in zip(rec.leaves(), grads, strict=True)}
-        if (g := grad_of[id(rec.emb)]) is not None:
-            out[:, : self.T] = (g[:k] * rec.emb[0].detach()).sum(-1)
-        for p in self.paths:
-            ids, cols = self.comp_idx[p][2], self.cols[p]
-            if (g := grad_of[id(rec.comp_leaves[p])]) is not None and len(ids):
-                g = g[:k] if cols is None else g[:k, cols]
-                out[:, int(ids[0]) : int(ids[-1]) + 1] = g * self.weight[p]  # a path's comp nodes are consecutive
-            delta = rec.delta_leaves[p]
-            if (g := grad_of[id(delta)]) is not None:
-                out[:, self.delta_start[p] : self.delta_start[p] + self.T] = (g[:k] * delta[0].detach()).sum(-1)
-
-    def activation_and_ci(self, rec: LeafRecord, logits: Tensor) -> tuple[Tensor, Tensor]:
-        act = logits.new_zeros(self.n)
-        ci = logits.new_ones(self.n)
-        act[: self.T] = rec.emb[0].detach().norm(dim=-1)
-        for p in self.paths:
-            t_idx, c_idx, ids = self.comp_idx[p]
-            act[ids] = rec.acts[p][0, t_idx, c_idx].detach()
-            ci[ids] = self.ci[p][t_idx, c_idx].to(ci)
-            act[self.delta_start[p] : self.delta_start[p] + self.T] = rec.delta_leaves[p][0].detach().norm(dim=-1)
-        act[self.logit_start :] = logits[0, -1, self.logit_tokens].detach()  # -1 is t*: the prompt ends there
-        return act, ci
-
-
 def _target_sum(
-    d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor, chunk: Tensor, copy: Tensor
+    d: Decomposition, graph: CandidateNodes, rec: LeafRecord, logits: Tensor, chunk: Tensor, copy: Tensor
 ) -> Tensor:
     """Σ of target node chunk[i] read from copy copy[i]: a_c = x[t] · v_c for comp targets, the raw logit for logits.
 
@@ -332,7 +92,7 @@ def _target_sum(
 _ATTN_IN = ("q", "k", "v", "qkv")
 
 
-def _slot_groups(d: Decomposition, graph: _Graph) -> tuple[Tensor, Tensor, int] | None:
+def slot_groups(d: Decomposition, graph: CandidateNodes) -> tuple[Tensor, Tensor, int] | None:
     """(slot key of each node as a target, as a source, number of keys), or None where packing is unsafe.
 
     Under the direct-effect cut a target reaches few leaves: one that reads the residual stream or an MLP's
@@ -369,11 +129,11 @@ def _slot_groups(d: Decomposition, graph: _Graph) -> tuple[Tensor, Tensor, int] 
 class _Rows:
     """Backward passes that fill rows of A for chosen target nodes, kept as COO pieces."""
 
-    def __init__(self, d: Decomposition, graph: _Graph, rec: LeafRecord, logits: Tensor, pack: bool):
+    def __init__(self, d: Decomposition, graph: CandidateNodes, rec: LeafRecord, logits: Tensor, pack: bool):
         self.d, self.graph, self.rec, self.logits = d, graph, rec, logits
         self.K = logits.shape[0]
         self.leaves = rec.leaves()
-        self.keys = _slot_groups(d, graph) if pack else None
+        self.keys = slot_groups(d, graph) if pack else None
         self.pieces: list[tuple[Tensor, Tensor, Tensor]] = []
         self.backwards = 0
 
@@ -429,7 +189,7 @@ class _Rows:
         return t, s, w
 
 
-def _choose_and_run(rows: _Rows, graph: _Graph, logit_w: Tensor, K: int, budget: int, progress: bool) -> Tensor:
+def _choose_and_run(rows: _Rows, graph: CandidateNodes, logit_w: Tensor, K: int, budget: int, progress: bool) -> Tensor:
     """Rows of the logits, then of the `budget` comp nodes of largest estimated influence; returns the visited mask.
 
     As circuit-tracer does: after each queue, the influence on the logits of every node is recomputed from the
@@ -498,8 +258,8 @@ def attribute_edges(
         raise VpdError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
     if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
         raise VpdError(f"`max_nodes` must be a positive integer or None; got {max_nodes!r}. Pass e.g. 7500.")
-    tokens, target_pos, logit_tokens, ci, probs = _prepare(d, tokens, target_pos, logit_tokens, ci)
-    graph = _Graph(d, tokens.shape[1], target_pos, logit_tokens, ci)
+    tokens, target_pos, logit_tokens, ci, probs = prepare_inputs(d, tokens, target_pos, logit_tokens, ci)
+    graph = CandidateNodes(d, tokens.shape[1], target_pos, logit_tokens, ci)
     comp_nodes = graph.comp_nodes()
     n_targets = len(comp_nodes) + len(logit_tokens)
     K = min(batch_size, max(n_targets, 1)) if _batched else 1

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edges import Attribution, EdgeTable, attribute_edges
+from attrgraph.edge_table import Attribution, EdgeTable
+from attrgraph.edges import attribute_edges
 from attrgraph.labels import label_for
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
 from attrgraph.settings import GraphSettings

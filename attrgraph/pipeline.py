@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edges import KINDS, EdgeTable, attribute_edges
+from attrgraph.edge_table import KINDS, EdgeTable
+from attrgraph.edges import attribute_edges
 from attrgraph.prune import CooPruneMasks, prune_coo
 from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError

@@ -19,7 +19,8 @@ import transformers as tf
 from torch import nn
 
 from attrgraph.attention import attention_pattern, qk_unavailable
-from attrgraph.edges import Attribution, attribute
+from attrgraph.edge_table import Attribution
+from attrgraph.edges import attribute
 from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
 from attrgraph.qk import add_qk_pairs, score_decomposition, score_terms

@@ -10,7 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
-from attrgraph.edges import Attribution, attribute, attribute_reference
+from attrgraph.edge_table import Attribution
+from attrgraph.edges import attribute, attribute_reference
 from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
 from decomposer.errors import VpdError
@@ -372,11 +373,12 @@ def test_errors(llama):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
 def test_batched_graphs_pack_several_targets_per_copy(family, request):
     """The batched-equals-reference tests above run with packing on: one backward, many targets per copy."""
-    from attrgraph.edges import _Graph, _prepare, _slot_groups
+    from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
+    from attrgraph.edges import slot_groups
 
     d, tokens, ci, _ = request.getfixturevalue(family)
-    tokens, target_pos, logit_tokens, ci, _ = _prepare(d, tokens, None, [1, 2], ci)
-    keys = _slot_groups(d, _Graph(d, T, target_pos, logit_tokens, ci))
+    tokens, target_pos, logit_tokens, ci, _ = prepare_inputs(d, tokens, None, [1, 2], ci)
+    keys = slot_groups(d, CandidateNodes(d, T, target_pos, logit_tokens, ci))
     assert keys is not None
     target_key, _, n_keys = keys
     assert n_keys == T + d.model.target.config.num_hidden_layers and int(target_key.max()) < n_keys
@@ -384,7 +386,8 @@ def test_batched_graphs_pack_several_targets_per_copy(family, request):
 
 def test_attention_without_decomposed_matrices_is_not_packed(float64_llama):
     """With q/k/v/o left whole, attention carries gradients across positions; targets then get a copy each."""
-    from attrgraph.edges import _Graph, _prepare, _slot_groups
+    from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
+    from attrgraph.edges import slot_groups
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -399,7 +402,7 @@ def test_attention_without_decomposed_matrices_is_not_packed(float64_llama):
     )
     d = _decomposition(LlamaForCausalLM(cfg), [{"pattern": "model.layers.*.mlp.*_proj", "C": C}])
     tokens, ci = _setup(d, 4)
-    _, target_pos, logit_tokens, prepared, _ = _prepare(d, tokens, None, [1], ci)
-    assert _slot_groups(d, _Graph(d, T, target_pos, logit_tokens, prepared)) is None
+    _, target_pos, logit_tokens, prepared, _ = prepare_inputs(d, tokens, None, [1], ci)
+    assert slot_groups(d, CandidateNodes(d, T, target_pos, logit_tokens, prepared)) is None
     ref = attribute_reference(d, tokens, ci=ci)
     torch.testing.assert_close(attribute(d, tokens, ci=ci, batch_size=4).A, ref.A, rtol=1e-10, atol=1e-10)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from attrgraph.artifact import load_full_graph, tensors_path
-from attrgraph.edges import KINDS, attribute
+from attrgraph.edge_table import KINDS
+from attrgraph.edges import attribute
 from attrgraph.graph import build_graph
 from attrgraph.pipeline import FILES, attribute_prompt
 from attrgraph.prune import influence_prune, prune_graph
