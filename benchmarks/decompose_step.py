@@ -60,9 +60,15 @@ def _paper(args: argparse.Namespace) -> tuple[torch.nn.Module, DecomposeConfig, 
 
     vocab = 4096
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=2048, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     target = LlamaForCausalLM(config)
     return target, DecomposeConfig.model_validate(paper_preset()), vocab
 

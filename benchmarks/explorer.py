@@ -68,12 +68,31 @@ def synthetic_graph(n_nodes: int, n_tokens: int, n_edges: int, seed: int = 0) ->
         module = f"model.layers.{b}.{part}.{short}_proj"
         node = f"comp/{module}/{i}@{t}"
         label = f"{b}.{'attn' if part == 'self_attn' else 'mlp'}.{short}:{t}:{i} fires on ' her' → writes ' crown'"
-        G.add_node(node, **{**base, "module": module, "block": b, "sublayer": short, "index": i}, kind="comp", pos=t,
-                   row=r + 1, token=tokens[t], label=label, influence=rng.random() ** 3)  # fmt: skip
+        G.add_node(
+            node,
+            **{**base, "module": module, "block": b, "sublayer": short, "index": i},
+            kind="comp",
+            pos=t,
+            row=r + 1,
+            token=tokens[t],
+            label=label,
+            influence=rng.random() ** 3,
+        )
         layer_of[node] = r + 1
     logit = f"logit/7@{n_tokens - 1}"
-    G.add_node(logit, **base, kind="logit", pos=n_tokens - 1, row=len(ROWS) + 1, token=tokens[-1], label="→ ' her'",
-               prob=0.9, token_id=7, logit_token=" her", influence=0.0)  # fmt: skip
+    G.add_node(
+        logit,
+        **base,
+        kind="logit",
+        pos=n_tokens - 1,
+        row=len(ROWS) + 1,
+        token=tokens[-1],
+        label="→ ' her'",
+        prob=0.9,
+        token_id=7,
+        logit_token=" her",
+        influence=0.0,
+    )
     layer_of[logit] = len(ROWS) + 1
     by_pos: dict[int, list[str]] = {}
     for n, a in G.nodes(data=True):

@@ -60,8 +60,13 @@ def _child_bundled(args: argparse.Namespace) -> dict:
         with contextlib.redirect_stdout(buf):
             rc = main(argv)
         summary = json.loads(buf.getvalue().strip().splitlines()[-1]) if rc == 0 else {}
-    return {"rc": rc, "nodes": summary.get("nodes"), "edges": summary.get("edges"),
-            "candidates": summary.get("candidates"), "pruned_nodes": summary.get("pruned_nodes")}  # fmt: skip
+    return {
+        "rc": rc,
+        "nodes": summary.get("nodes"),
+        "edges": summary.get("edges"),
+        "candidates": summary.get("candidates"),
+        "pruned_nodes": summary.get("pruned_nodes"),
+    }
 
 
 def _child_paper(args: argparse.Namespace) -> dict:
@@ -76,9 +81,15 @@ def _child_paper(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = LlamaConfig(
-        vocab_size=4096, hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=2048, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=4096,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     target = LlamaForCausalLM(config).eval()
     # The CI comes from the draw below, so a small CI function stands in for the paper's CI transformer.
     cfg = DecomposeConfig.model_validate(paper_preset(ci={"kind": "mlp", "hidden": 4}))
@@ -107,8 +118,14 @@ def _child_paper(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"seconds": seconds, "gpu_gb": peak, "nodes": table.n, "edges": int(table.targets.numel()),
-            "candidates": table.n_candidates, "pruned_nodes": int(masks.node_mask.sum())}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "gpu_gb": peak,
+        "nodes": table.n,
+        "edges": int(table.targets.numel()),
+        "candidates": table.n_candidates,
+        "pruned_nodes": int(masks.node_mask.sum()),
+    }
 
 
 def _measure(argv: list[str]) -> dict:
@@ -158,15 +175,28 @@ def main() -> None:
         rows.append(("bundled, vpd graph end to end", n, "cpu", r))
         print(rows[-1], flush=True)
     for n in [int(x) for x in args.paper_lengths.split(",") if x]:
-        r = _measure([
-            "--child", "paper", "--tokens", str(n), "--alive-frac", str(args.alive_frac), "--device", device,
-            "--batch-size", str(args.batch_size), *budget,
-        ])  # fmt: skip
+        r = _measure(
+            [
+                "--child",
+                "paper",
+                "--tokens",
+                str(n),
+                "--alive-frac",
+                str(args.alive_frac),
+                "--device",
+                device,
+                "--batch-size",
+                str(args.batch_size),
+                *budget,
+            ]
+        )
         rows.append((f"paper shape, edges + pruning, {args.alive_frac:.0%} alive", n, device, r))
         print(rows[-1], flush=True)
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     print(
         "| case | tokens | device | wall | in-process | CPU time | peak RSS | peak GPU | alive | nodes | edges "
         "| pruned |"

@@ -34,8 +34,15 @@ def up32(x: float) -> int:
 def sizes(name: str, ci_width: float, ci_blocks: int, split: bool = False) -> dict[str, float]:
     d, layers, heads, kv_heads, d_mlp, vocab, tied = MODELS[name]
     kv = kv_heads * (d // heads)
-    shape = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, d_mlp), "up": (d, d_mlp),
-             "down": (d_mlp, d)}  # fmt: skip
+    shape = {
+        "q": (d, d),
+        "k": (d, kv),
+        "v": (d, kv),
+        "o": (d, d),
+        "gate": (d, d_mlp),
+        "up": (d, d_mlp),
+        "down": (d_mlp, d),
+    }
     C = {m: up32(r * d) for m, r in RATIOS.items()}
     w = layers * sum(i * o for i, o in shape.values())
     uv = layers * sum(C[m] * (i + o) for m, (i, o) in shape.items())
@@ -70,23 +77,35 @@ def main() -> None:
         room = args.gpu_gb * GB - replicated - gathered - args.reserve_gb * GB
         gpus = math.ceil(state / room) if room > 0 else None
         print(f"{name}: target {s['target'] / 1e9:.2f} B params ({s['W'] / 1e9:.2f} B decomposed)")
-        print(f"  C per layer: q,k {s['q']}  v,o {s['v']}  gate,up {s['gate']}  down {s['down']}; "
-              f"total C {s['C_total']:,}")  # fmt: skip
+        print(
+            f"  C per layer: q,k {s['q']}  v,o {s['v']}  gate,up {s['gate']}  down {s['down']}; "
+            f"total C {s['C_total']:,}"
+        )
         print(f"  U,V {s['uv'] / 1e9:.2f} B params = {4 * s['uv'] / GB:.1f} GB fp32")
-        print(f"  CI network (D {s['D']:,} → r {s['r']}, {args.ci_blocks} blocks → ΣC) {s['ci'] / 1e9:.2f} B params "
-              f"= {4 * s['ci'] / GB:.1f} GB fp32")  # fmt: skip
-        print(f"  gradients {4 * trainable / GB:.1f} GB; AdamW moments {8 * trainable / GB:.1f} GB; "
-              f"all training state {state / GB:.1f} GB")  # fmt: skip
-        print(f"  replicated per GPU: target bf16 {2 * s['target'] / GB:.1f} GB + fp32 W copies "
-              f"{4 * s['W'] / GB:.1f} GB = {replicated / GB:.1f} GB")  # fmt: skip
+        print(
+            f"  CI network (D {s['D']:,} → r {s['r']}, {args.ci_blocks} blocks → ΣC) {s['ci'] / 1e9:.2f} B params "
+            f"= {4 * s['ci'] / GB:.1f} GB fp32"
+        )
+        print(
+            f"  gradients {4 * trainable / GB:.1f} GB; AdamW moments {8 * trainable / GB:.1f} GB; "
+            f"all training state {state / GB:.1f} GB"
+        )
+        print(
+            f"  replicated per GPU: target bf16 {2 * s['target'] / GB:.1f} GB + fp32 W copies "
+            f"{4 * s['W'] / GB:.1f} GB = {replicated / GB:.1f} GB"
+        )
         print(f"  largest FSDP unit {s['largest'] / 1e9:.2f} B params: {gathered / GB:.1f} GB gathered with its grad")
         print(f"  unsharded (DDP) needs {(state + replicated) / GB + args.reserve_gb:.0f} GB per GPU")
         if gpus is None:
-            print(f"  FSDP2 alone does not fit {args.gpu_gb:.0f} GB GPUs: the largest unit plus the replicated "
-                  f"tensors and {args.reserve_gb:.0f} GB reserve exceed one GPU")  # fmt: skip
+            print(
+                f"  FSDP2 alone does not fit {args.gpu_gb:.0f} GB GPUs: the largest unit plus the replicated "
+                f"tensors and {args.reserve_gb:.0f} GB reserve exceed one GPU"
+            )
         else:
-            print(f"  FSDP2 on {args.gpu_gb:.0f} GB GPUs with {args.reserve_gb:.0f} GB reserved: {gpus} GPUs "
-                  f"({state / gpus / GB:.1f} GB of shards each)")  # fmt: skip
+            print(
+                f"  FSDP2 on {args.gpu_gb:.0f} GB GPUs with {args.reserve_gb:.0f} GB reserved: {gpus} GPUs "
+                f"({state / gpus / GB:.1f} GB of shards each)"
+            )
 
 
 if __name__ == "__main__":

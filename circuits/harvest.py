@@ -66,8 +66,12 @@ logger = logging.getLogger(__name__)
 def _check_settings(tau_fire: float, top_k: int, window: int, reservoir: int, per_batch: int) -> None:
     if not (isinstance(tau_fire, int | float) and 0 <= tau_fire < 1):
         raise VpdError(f"`tau_fire` must be in [0, 1); got {tau_fire!r}. Pass a CI threshold such as 0.1.")
-    for name, value, low in (("top_k", top_k, 1), ("window", window, 0), ("reservoir", reservoir, 1),
-                             ("per_batch", per_batch, 1)):  # fmt: skip
+    for name, value, low in (
+        ("top_k", top_k, 1),
+        ("window", window, 0),
+        ("reservoir", reservoir, 1),
+        ("per_batch", per_batch, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise VpdError(f"`{name}` must be an int >= {low}; got {value!r}.")
 
@@ -182,8 +186,17 @@ def harvest(
     device, paths = d.model_device, list(d.module_paths)
     V = d.model.target.get_output_embeddings().weight.shape[0]
     u_norm = torch.cat([d.model.components(p).U.detach().norm(dim=1) for p in paths])
-    acc = _Accumulator(sum(d.Cs.values()), V, tau=tau_fire, top_k=top_k, window=window, reservoir=reservoir,
-                       per_batch=per_batch, seed=seed, device=device)  # fmt: skip
+    acc = _Accumulator(
+        sum(d.Cs.values()),
+        V,
+        tau=tau_fire,
+        top_k=top_k,
+        window=window,
+        reservoir=reservoir,
+        per_batch=per_batch,
+        seed=seed,
+        device=device,
+    )
     rank, world = rank_and_world()
     if world > 1:
         token_batches = list(token_batches)
@@ -206,8 +219,13 @@ def harvest(
     seconds = time.perf_counter() - start
     if acc.n_tokens == 0:
         raise VpdError("`token_batches` is empty; pass at least one (batch, seq) tensor of token ids.")
-    logger.info("harvest: %d tokens in %.1f s (%.0f tokens/s), %d alive", acc.n_tokens, seconds,
-                acc.n_tokens / seconds, acc.n_rows)  # fmt: skip
+    logger.info(
+        "harvest: %d tokens in %.1f s (%.0f tokens/s), %d alive",
+        acc.n_tokens,
+        seconds,
+        acc.n_tokens / seconds,
+        acc.n_rows,
+    )
     return acc.finish(
         module_paths=tuple(paths),
         Cs=tuple(d.Cs[p] for p in paths),

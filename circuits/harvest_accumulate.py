@@ -76,8 +76,19 @@ def _windows(values: Tensor, pos: Tensor, comp: Tensor, T: int, w: int) -> Tenso
 class _Accumulator:
     """The running state of a harvest pass, on one device; rows are allocated on first firing."""
 
-    def __init__(self, C_total: int, V: int, *, tau: float, top_k: int, window: int, reservoir: int,
-                 per_batch: int, seed: int, device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        C_total: int,
+        V: int,
+        *,
+        tau: float,
+        top_k: int,
+        window: int,
+        reservoir: int,
+        per_batch: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         self.C_total, self.V, self.tau, self.k, self.w = C_total, V, tau, top_k, window
         self.R, self.per_batch, self.device = reservoir, per_batch, device
         W = 2 * window + 1

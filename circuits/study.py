@@ -65,9 +65,22 @@ logger = logging.getLogger(__name__)
 
 GRAPH_TYPES = ("ci", "adversarial", "network")
 COLUMNS = (
-    "prompt", "target", "target_pos", "graph_type", "p_target", "p_ci", "p_stochastic", "p_adversarial",
-    "n_nodes", "n_edges", "n_nodes_pruned", "n_edges_pruned", "pair_id", "shared_nodes", "seconds",
-)  # fmt: skip
+    "prompt",
+    "target",
+    "target_pos",
+    "graph_type",
+    "p_target",
+    "p_ci",
+    "p_stochastic",
+    "p_adversarial",
+    "n_nodes",
+    "n_edges",
+    "n_nodes_pruned",
+    "n_edges_pruned",
+    "pair_id",
+    "shared_nodes",
+    "seconds",
+)
 CSV_FILE = "study.csv"
 PNG_FILE = "study.png"
 _PAIR_MARK = "# pair"
@@ -326,14 +339,30 @@ def run_study(
         for graph_type in graph_types:
             graph_settings = settings.model_copy(update={"l_min": l_min.get(graph_type)})
             res = study_prompt(d, tokenizer, prompt, graph_type, target=targets[i], settings=graph_settings)
-            done.append((i, graph_type, {
-                "prompt": prompt, "target": res.target, "target_pos": res.target_pos, "graph_type": graph_type,
-                "p_target": res.report["target"], "p_ci": res.report["ci"], "p_stochastic": res.report["stochastic"],
-                "p_adversarial": res.report["adversarial"], "n_nodes": res.n_comp(),
-                "n_edges": int(res.prompt_graph.table.targets.numel()), "n_nodes_pruned": _n_comp(res.pruned),
-                "n_edges_pruned": res.pruned.number_of_edges(), "pair_id": pair_of.get(i), "shared_nodes": None,
-                "seconds": res.seconds,
-            }, res.component_keys()))  # fmt: skip
+            done.append(
+                (
+                    i,
+                    graph_type,
+                    {
+                        "prompt": prompt,
+                        "target": res.target,
+                        "target_pos": res.target_pos,
+                        "graph_type": graph_type,
+                        "p_target": res.report["target"],
+                        "p_ci": res.report["ci"],
+                        "p_stochastic": res.report["stochastic"],
+                        "p_adversarial": res.report["adversarial"],
+                        "n_nodes": res.n_comp(),
+                        "n_edges": int(res.prompt_graph.table.targets.numel()),
+                        "n_nodes_pruned": _n_comp(res.pruned),
+                        "n_edges_pruned": res.pruned.number_of_edges(),
+                        "pair_id": pair_of.get(i),
+                        "shared_nodes": None,
+                        "seconds": res.seconds,
+                    },
+                    res.component_keys(),
+                )
+            )
             logger.info("study: %r %s: %d nodes, %.1f s", prompt, graph_type, done[-1][2]["n_nodes"], res.seconds)
     done = gather_shares(done)
     rows = [row for _, _, row, _ in done]

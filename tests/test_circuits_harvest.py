@@ -359,8 +359,23 @@ def test_save_load_round_trip(saved):
     assert top["density"] == pytest.approx(float(h.density[0])) and top["input"][0]["token"] is not None
     assert top["top_examples"][0]["ci"] == 1.0 and 3 in top["top_examples"][0]["tokens"]
     back = load_harvest(folder)
-    for name in ("firing_count", "ci_sum", "input_comp", "input_token", "input_count", "output_mass", "cofire",
-                 "top_loc", "top_ci", "top_act", "res_loc", "res_ci", "res_act", "tokens", "seq_starts"):  # fmt: skip
+    for name in (
+        "firing_count",
+        "ci_sum",
+        "input_comp",
+        "input_token",
+        "input_count",
+        "output_mass",
+        "cofire",
+        "top_loc",
+        "top_ci",
+        "top_act",
+        "res_loc",
+        "res_ci",
+        "res_act",
+        "tokens",
+        "seq_starts",
+    ):
         assert torch.equal(getattr(back, name), getattr(h, name)), name
     assert (back.module_paths, back.Cs, back.vocab, back.tau_fire) == (h.module_paths, h.Cs, h.vocab, h.tau_fire)
     assert back.summary(0) == h.summary(0)

@@ -78,8 +78,14 @@ def _worker(rank: int, world: int, out: str, train_json: str, fresh_json: str) -
 def ranks_out(tmp_path_factory):
     """One group of 2 ranks for both tests (spawning one costs more than what they run)."""
     out = tmp_path_factory.mktemp("ddp")
-    run_ranks(_worker, 2, out / "group", str(out), deterministic_config().model_dump_json(),
-              fresh_pgd_config().model_dump_json())  # fmt: skip
+    run_ranks(
+        _worker,
+        2,
+        out / "group",
+        str(out),
+        deterministic_config().model_dump_json(),
+        fresh_pgd_config().model_dump_json(),
+    )
     return out
 
 

@@ -87,8 +87,9 @@ def _worker(rank, world, out, equal_json, resume_json):
 def runs(tmp_path_factory):
     """One group of 2 sharded ranks for both tests (spawning one costs more than the runs themselves)."""
     out = tmp_path_factory.mktemp("sharded")
-    run_ranks(_worker, 2, out / "group", str(out), deterministic_config().model_dump_json(),
-              resume_config().model_dump_json())  # fmt: skip
+    run_ranks(
+        _worker, 2, out / "group", str(out), deterministic_config().model_dump_json(), resume_config().model_dump_json()
+    )
     return out
 
 
