@@ -44,7 +44,7 @@ test: $(VENV)/.installed-dev check-lock
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory browser-deps
 	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest --nbmake notebooks
+	$(BIN)/python -m pytest --nbmake --nbmake-timeout=1200 notebooks
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -112,6 +112,79 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def _target_and_data(
+    cfg: DecomposeConfig,
+    target: nn.Module | None,
+    batches: BatchFn | None,
+    eval_batches: list[Tensor] | None,
+    rank: int,
+    world: int,
+) -> tuple[nn.Module, BatchFn, list[Tensor] | None, int]:
+    """(target, step → batch, held-out batches, n_ref): the configured target and corpus unless given."""
+    if target is None:
+        from decomposer.target.loading import load_target
+
+        target, tokenizer = load_target(cfg.target)
+        if batches is None:
+            tokens = train_tokens(tokenizer, cfg.data_dir)
+            batches = lm_train_batches(
+                tokens,
+                batch_size=cfg.optim.batch_size,
+                seq_len=cfg.optim.seq_len,
+                seed=cfg.optim.seed,
+                rank=rank,
+                world_size=world,
+            )
+        if eval_batches is None:
+            eval_batches = run_eval_batches(cfg, tokenizer)
+        n_ref = cfg.optim.batch_size * cfg.optim.seq_len
+    else:
+        if batches is None:
+            raise VpdError("`batches` is required with a custom `target`: pass a function step → batch.")
+        n_ref = cfg.optim.batch_size
+    return target, batches, eval_batches, n_ref
+
+
+def _starting_point(
+    cfg: DecomposeConfig, out: Path, target: nn.Module, *, resume: bool, shard: bool
+) -> tuple[Decomposition, dict, int]:
+    """(decomposition, saved training state, first step): a checkpoint's when resuming, else a fresh one.
+
+    Raises:
+        VpdError: A resume without a checkpoint (or of the other kind), a checkpoint from another config or
+            target, or a new run over an existing one.
+    """
+    existing = resolve_atomic_dir(out / STATE_DIR) or resolve_atomic_dir(out / SHARDED_DIR)
+    if resume and shard:
+        found = read_sharded_state(out)
+        if found is None:
+            raise VpdError(f"`--resume` was given but {out} has no sharded checkpoint. Drop `--resume` or `--shard`.")
+        meta, state = found
+        if meta["config"] != cfg.model_dump(mode="json"):
+            raise VpdError(f"The checkpoint in {out} was written with a different config. Use a new `--out` folder.")
+        d, start = Decomposition.create(cfg, target), meta["step"]
+        if weights_sha256(d.model) != meta["target_weights_sha256"]:
+            raise VpdError(f"The sharded checkpoint in {out} decomposes another target. Resume with the same model.")
+    elif resume:
+        if resolve_atomic_dir(out / SHARDED_DIR) is not None:
+            raise VpdError(f"The run in {out} was trained sharded. Resume it with `--shard` and the same ranks.")
+        if existing is None:
+            raise VpdError(f"`--resume` was given but {out} has no checkpoint. Drop `--resume` to start a new run.")
+        d, meta, state = load_decomposition(out, target)
+        if meta["config"] != cfg.model_dump(mode="json"):
+            raise VpdError(f"The checkpoint in {out} was written with a different config. Use a new `--out` folder.")
+        start = meta["step"]
+    else:
+        if existing is not None:
+            raise VpdError(
+                f"{out} already holds a decomposition. Pass `--resume` to continue it, or choose a new `--out`."
+            )
+        d, state, start = Decomposition.create(cfg, target), {}, 0
+        if cfg.init_from is not None:
+            _init_from(d, cfg.init_from, target)
+    return d, state, start
+
+
 def decompose(
     config: DecomposeConfig,
     out: str | Path,
@@ -151,57 +224,9 @@ def decompose(
     if shard and not (dist.is_available() and dist.is_initialized()):
         raise VpdError("`shard` needs a process group: launch with `torchrun --nproc-per-node N`, or drop `--shard`.")
     cfg = config
-    if target is None:
-        from decomposer.target.loading import load_target
-
-        target, tokenizer = load_target(cfg.target)
-        if batches is None:
-            tokens = train_tokens(tokenizer, cfg.data_dir)
-            batches = lm_train_batches(
-                tokens,
-                batch_size=cfg.optim.batch_size,
-                seq_len=cfg.optim.seq_len,
-                seed=cfg.optim.seed,
-                rank=rank,
-                world_size=world,
-            )
-        if eval_batches is None:
-            eval_batches = run_eval_batches(cfg, tokenizer)
-        n_ref = cfg.optim.batch_size * cfg.optim.seq_len
-    else:
-        if batches is None:
-            raise VpdError("`batches` is required with a custom `target`: pass a function step → batch.")
-        n_ref = cfg.optim.batch_size
+    target, batches, eval_batches, n_ref = _target_and_data(cfg, target, batches, eval_batches, rank, world)
     target_name = cfg.target
-
-    existing = resolve_atomic_dir(out / STATE_DIR) or resolve_atomic_dir(out / SHARDED_DIR)
-    if resume and shard:
-        found = read_sharded_state(out)
-        if found is None:
-            raise VpdError(f"`--resume` was given but {out} has no sharded checkpoint. Drop `--resume` or `--shard`.")
-        meta, state = found
-        if meta["config"] != cfg.model_dump(mode="json"):
-            raise VpdError(f"The checkpoint in {out} was written with a different config. Use a new `--out` folder.")
-        d, start = Decomposition.create(cfg, target), meta["step"]
-        if weights_sha256(d.model) != meta["target_weights_sha256"]:
-            raise VpdError(f"The sharded checkpoint in {out} decomposes another target. Resume with the same model.")
-    elif resume:
-        if resolve_atomic_dir(out / SHARDED_DIR) is not None:
-            raise VpdError(f"The run in {out} was trained sharded. Resume it with `--shard` and the same ranks.")
-        if existing is None:
-            raise VpdError(f"`--resume` was given but {out} has no checkpoint. Drop `--resume` to start a new run.")
-        d, meta, state = load_decomposition(out, target)
-        if meta["config"] != cfg.model_dump(mode="json"):
-            raise VpdError(f"The checkpoint in {out} was written with a different config. Use a new `--out` folder.")
-        start = meta["step"]
-    else:
-        if existing is not None:
-            raise VpdError(
-                f"{out} already holds a decomposition. Pass `--resume` to continue it, or choose a new `--out`."
-            )
-        d, state, start = Decomposition.create(cfg, target), {}, 0
-        if cfg.init_from is not None:
-            _init_from(d, cfg.init_from, target)
+    d, state, start = _starting_point(cfg, out, target, resume=resume, shard=shard)
 
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
