@@ -94,6 +94,10 @@ def _place_labels(fig: Any, ax: Any, items: list[tuple[float, float, str]], font
 
 
 def _figure(G: nx.DiGraph, max_labels: int) -> Any:
+    """The static figure: bands, rows, token axis, edges, nodes, labels and legend, drawn in that order.
+
+    One function because each layer reads the geometry the previous ones fixed (column widths, row heights).
+    """
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

@@ -158,6 +158,8 @@ def _summary_of(harvest: Any, key: str) -> Mapping[str, Any] | None:
 def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> dict[str, Any]:
     """Everything the explorer page needs, as one JSON-ready dict.
 
+    Long because the layout is one pass: rows, column widths, node positions and cards depend on each other.
+
     Args:
         G: A pruned attribution graph (see `attrgraph.export`); it is not modified.
         harvest: Optional per-subcomponent statistics for hover cards: a run or harvest folder

@@ -96,6 +96,7 @@ def _metrics_dict(metrics) -> dict:
 
 
 def _edit(args: argparse.Namespace) -> None:
+    """`vpd edit`: check the flags, edit, sweep, write the model and print; one straight-line command handler."""
     from circuits.edit import edit_study, heldout_windows, resolve_edit
     from circuits.lora import LoraSweep
     from decomposer.io import atomic_write_dir, atomic_write_json

@@ -87,6 +87,8 @@ def train_target(
 ) -> dict:
     """Train a target model as configured and save it to `<out>/model`; return the training record.
 
+    The loop, evaluation and checkpointing stay in one function so the resume path is visibly the same code.
+
     Raises:
         VpdError: No corpus is built, `out` holds a run with another config, or `resume` finds
             no checkpoint.

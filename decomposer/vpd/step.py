@@ -151,6 +151,11 @@ class Trainer:
         return [None if s.grad is None else s.grad / coefficient for s in self.ppgd.source_list()]
 
     def step(self, batch: Tensor, step: int) -> StepLog:
+        """One optimiser step of every loss, in the order method.md lists them.
+
+        Long on purpose: the four masked forwards, the adversary's sources and the loss sum share one graph
+        and one backward, and reading them in one place is how the step is checked against the method.
+        """
         cfg, d, gen = self.d.config, self.d, self.generator
         lr = cosine_lr(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.lr_final_frac, cfg.optim.lr_warmup_steps)
         for group in self.opt.param_groups:
