@@ -1,8 +1,8 @@
 """Assemble an attribution graph as an `nx.DiGraph` in the convention of `attrgraph.export`.
 
 `build_graph` computes every edge of one prompt (`attrgraph.edges.attribute_edges`) and labels every
-node; `table_to_networkx` converts an `EdgeTable` (or the nodes and edges pruning kept of it),
-`to_networkx` a dense `Attribution`. `attrgraph.pipeline.attribute_prompt` is the full pipeline.
+node; `table_to_networkx` converts an `EdgeTable` (or the nodes and edges pruning kept of it).
+`attrgraph.pipeline.attribute_prompt` is the full pipeline.
 Edges with weight exactly 0 are structural zeros and are not stored.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edge_table import Attribution, EdgeTable
+from attrgraph.edge_table import EdgeTable
 from attrgraph.edges import attribute_edges
 from attrgraph.labels import label_for
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
@@ -102,52 +102,6 @@ def _node_attrs(
     else:
         attrs["label"] = _label(node, token, labels)
     return attrs
-
-
-def to_networkx(
-    att: Attribution,
-    *,
-    prompt: str,
-    prompt_tokens: Sequence[str],
-    token_text: Mapping[int, str],
-    probs: Tensor,
-    n_blocks: int,
-    labels: Mapping[str, str] | None = None,
-    settings: Mapping | None = None,
-    report: Mapping[str, float] | None = None,
-) -> nx.DiGraph:
-    """The dense `Attribution` as a DiGraph; `probs` is P(token) at the target position under the target model."""
-    target_id = att.logit_tokens[0] if att.logit_tokens else None
-    G = nx.DiGraph()
-    G.graph.update(
-        _graph_attrs(
-            prompt,
-            prompt_tokens,
-            att.target_pos,
-            target_id,
-            token_text[target_id] if att.logit_tokens else "",
-            settings,
-            report,
-        )
-    )
-    ci, act = att.ci.tolist(), att.activation.tolist()
-    for i, node in enumerate(att.nodes):
-        prob = float(probs[node.index]) if node.kind == "logit" else None
-        G.add_node(
-            str(node),
-            **_node_attrs(node, prompt_tokens[node.pos], ci[i], act[i], prob, target_id, token_text, labels, n_blocks),
-        )
-    # Bulk conversion: hundreds of thousands of edges are common, and per-edge tensor reads dominated.
-    targets, sources = att.A.nonzero(as_tuple=True)
-    _add_edges(G, [str(n) for n in att.nodes], [n.pos for n in att.nodes], targets, sources, att.A[targets, sources])
-    return G
-
-
-def _add_edges(G: nx.DiGraph, names: list[str], pos: list[int], targets: Tensor, sources: Tensor, w: Tensor) -> None:
-    G.add_edges_from(
-        (names[s], names[t], {"weight": wt, "cross_position": pos[s] != pos[t]})
-        for t, s, wt in zip(targets.tolist(), sources.tolist(), w.tolist(), strict=True)
-    )
 
 
 def table_to_networkx(

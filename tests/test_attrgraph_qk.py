@@ -9,8 +9,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from attrgraph.attention import apply_rope, attention_pattern, rope_cos_sin, rope_of
-from attrgraph.edges import attribute
-from attrgraph.graph import to_networkx
+from attrgraph.edges import attribute_edges
+from attrgraph.graph import table_to_networkx
 from attrgraph.qk import (
     add_qk_pairs,
     data_dependent_strength,
@@ -145,14 +145,13 @@ def test_bad_inputs(setup):
 @pytest.fixture(scope="module")
 def graph(setup):
     d, ids = setup
-    att = attribute(d, ids, target_pos=T - 1)
+    table = attribute_edges(d, ids, target_pos=T - 1)
     tokens = [f"tok{i}" for i in ids[0].tolist()]
-    return to_networkx(
-        att,
+    return table_to_networkx(
+        table,
         prompt=" ".join(tokens),
         prompt_tokens=tokens,
-        token_text={t: f"tok{t}" for t in att.logit_tokens},
-        probs=torch.full((VOCAB,), 1.0 / VOCAB),
+        token_text={t: f"tok{t}" for t in table.logit_tokens},
         n_blocks=2,
     )
 
