@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from decomposer.target.loading import load_target
 from decomposer.vpd import step as step_module
 from decomposer.vpd.components import LinearComponents
-from decomposer.vpd.config import DecomposeConfig, load_decompose_config, paper_preset
+from decomposer.vpd.config import DecomposeConfig, load_decompose_config, paper_preset, paper_target
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.step import Trainer
 from decomposer.vpd.step import routing_masks as _routing_masks
@@ -56,21 +56,8 @@ def _bundled(args: argparse.Namespace) -> tuple[torch.nn.Module, DecomposeConfig
 
 
 def _paper(args: argparse.Namespace) -> tuple[torch.nn.Module, DecomposeConfig, int]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    vocab = 4096
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=4,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    target = LlamaForCausalLM(config)
-    return target, DecomposeConfig.model_validate(paper_preset()), vocab
+    target = paper_target()
+    return target, DecomposeConfig.model_validate(paper_preset()), target.config.vocab_size
 
 
 def _time_steps(trainer: Trainer, batches: list[torch.Tensor], device: torch.device, first_step: int) -> list[float]:

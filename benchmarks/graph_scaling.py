@@ -71,26 +71,15 @@ def _child_bundled(args: argparse.Namespace) -> dict:
 
 def _child_paper(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from attrgraph.edges import attribute_edges
     from attrgraph.prune import prune_coo
-    from decomposer.vpd.config import DecomposeConfig, paper_preset
+    from decomposer.vpd.config import DecomposeConfig, paper_preset, paper_target
     from decomposer.vpd.run import Decomposition
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=4,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    target = LlamaForCausalLM(config).eval()
+    target = paper_target().eval()
     # The CI comes from the draw below, so a small CI function stands in for the paper's CI transformer.
     cfg = DecomposeConfig.model_validate(paper_preset(ci={"kind": "mlp", "hidden": 4}))
     d = Decomposition.create(cfg, target)

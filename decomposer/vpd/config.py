@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from decomposer.configio import load_yaml_config
 from decomposer.vpd.targets import AutoModules, ModuleSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -152,6 +155,23 @@ def paper_preset(**overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def paper_target(vocab_size: int = 4096) -> nn.Module:
+    """A random-weight target of the paper's shape (4 layers, d_model 768, MLP 3072, 12 heads), for benchmarks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
 
 
 def load_decompose_config(path: str | Path) -> DecomposeConfig:
