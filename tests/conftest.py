@@ -322,3 +322,41 @@ def word_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>", pad_token="<eos>")
+
+
+# The check of every edge test: an edge equals the finite-difference effect of the intervention it predicts.
+def finite_difference_edge(d, tokens: torch.Tensor, att, tgt: int, src: int, eps: float = 1e-6) -> float:
+    """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value.
+
+    `replace` takes each module's full a = xV (alive entries become leaves, dead ones constants), so nudging
+    one entry of the clean a moves exactly the source leaf.
+    """
+    from attrgraph.leaves import direct_effect_leaves
+
+    with torch.no_grad(), direct_effect_leaves(d.model) as rec:
+        d.model.target(tokens)
+    clean = {p: (rec.acts[p].detach(), rec.delta_leaves[p].detach()) for p in d.module_paths}
+    clean_emb = rec.emb.detach()
+    s, t = att.nodes[src], att.nodes[tgt]
+
+    def run(sign: float) -> float:
+        replace, emb = dict(clean), clean_emb
+        if s.kind == "comp":
+            a = clean[s.module][0].clone()
+            a[0, s.pos, s.index] += sign * eps
+            replace[s.module] = (a, clean[s.module][1])
+        elif s.kind == "delta":  # shift along δ itself: the derivative is Σ_j ∂/∂δ_j · δ_j
+            delta = clean[s.module][1].clone()
+            delta[0, s.pos] *= 1 + sign * eps
+            replace[s.module] = (clean[s.module][0], delta)
+        else:
+            emb = clean_emb.clone()
+            emb[0, s.pos] *= 1 + sign * eps
+        with torch.no_grad(), direct_effect_leaves(d.model, replace=replace, replace_emb=emb) as rec:
+            logits = d.model.target(tokens).logits
+        if t.kind == "logit":
+            return float(logits[0, t.pos, t.index])
+        return float(rec.acts[t.module][0, t.pos, t.index])
+
+    slope = (run(1.0) - run(-1.0)) / (2 * eps)
+    return slope * float(att.activation[src] * att.ci[src]) if s.kind == "comp" else slope

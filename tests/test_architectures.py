@@ -21,7 +21,6 @@ from torch import nn
 from attrgraph.attention import attention_pattern, qk_unavailable
 from attrgraph.edge_table import Attribution
 from attrgraph.edges import attribute
-from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
 from attrgraph.qk import add_qk_pairs, score_decomposition, score_terms
 from decomposer.architectures import (
@@ -35,7 +34,7 @@ from decomposer.architectures import (
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.targets import AutoModules, ModuleSpec, select_modules
-from tests.conftest import float64_decomposition
+from tests.conftest import finite_difference_edge, float64_decomposition
 
 VOCAB, T, D = 40, 5, 16
 _IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "attn_implementation": "eager"}
@@ -299,38 +298,6 @@ def test_ablating_a_subcomponent_equals_the_masked_forward(family):
     assert not torch.allclose(ablated, clean, atol=1e-6)
 
 
-def _finite_difference(d: Decomposition, tokens: torch.Tensor, att: Attribution, tgt: int, src: int) -> float:
-    """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value."""
-    eps = 1e-6
-    with torch.no_grad(), direct_effect_leaves(d.model) as rec:
-        d.model.target(tokens)
-    clean = {p: (rec.acts[p].detach(), rec.delta_leaves[p].detach()) for p in d.module_paths}
-    clean_emb = rec.emb.detach()
-    s, t = att.nodes[src], att.nodes[tgt]
-
-    def run(sign: float) -> float:
-        replace, emb = dict(clean), clean_emb
-        if s.kind == "comp":
-            a = clean[s.module][0].clone()
-            a[0, s.pos, s.index] += sign * eps
-            replace[s.module] = (a, clean[s.module][1])
-        elif s.kind == "delta":  # along δ itself: the derivative is Σ_j ∂/∂δ_j · δ_j
-            delta = clean[s.module][1].clone()
-            delta[0, s.pos] *= 1 + sign * eps
-            replace[s.module] = (clean[s.module][0], delta)
-        else:
-            emb = clean_emb.clone()
-            emb[0, s.pos] *= 1 + sign * eps
-        with torch.no_grad(), direct_effect_leaves(d.model, replace=replace, replace_emb=emb) as rec:
-            logits = d.model.target(tokens).logits
-        if t.kind == "logit":
-            return float(logits[0, t.pos, t.index])
-        return float(rec.acts[t.module][0, t.pos, t.index])
-
-    slope = (run(1.0) - run(-1.0)) / (2 * eps)
-    return slope * float(att.activation[src] * att.ci[src]) if s.kind == "comp" else slope
-
-
 def _role(n: NodeId) -> tuple[int, str]:
     block, _, role = module_short_name(n.module)
     return block, role
@@ -367,7 +334,7 @@ def test_sampled_edges_of_every_kind_equal_interventions(family):
             candidates = [(t, s) for t, s in nz if pick(att.nodes[s], att.nodes[t])]
             assert candidates, f"no nonzero {kind} edge"
             tgt, src = max(candidates, key=lambda ts: abs(float(att.A[ts[0], ts[1]])))  # the strongest of its kind
-            expected = _finite_difference(d, tokens, att, tgt, src)
+            expected = finite_difference_edge(d, tokens, att, tgt, src)
             stored = float(att.A[tgt, src])
             assert stored == pytest.approx(expected, rel=1e-6, abs=1e-9), f"{kind}: {att.nodes[src]} → {att.nodes[tgt]}"
 

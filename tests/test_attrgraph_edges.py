@@ -16,7 +16,7 @@ from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
-from tests.conftest import float64_decomposition
+from tests.conftest import finite_difference_edge, float64_decomposition
 
 T, VOCAB, C = 5, 40, 6
 _IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "attn_implementation": "eager"}
@@ -130,48 +130,11 @@ def _find(att: Attribution, kind: str, pos: int, short: str | None = None, block
     raise AssertionError(f"no {kind} node {short} in block {block} at position {pos}")
 
 
-def _finite_difference(
-    d: Decomposition, tokens: torch.Tensor, att: Attribution, tgt: int, src: int, eps: float = 1e-6
-) -> float:
-    """Central difference of the target under ±ε on the source leaf, every other leaf held at its clean value.
-
-    `replace` takes each module's full a = xV (alive entries become leaves, dead ones constants), so nudging
-    one entry of the clean a moves exactly the source leaf.
-    """
-    with torch.no_grad(), direct_effect_leaves(d.model) as rec:
-        d.model.target(tokens)
-    clean = {p: (rec.acts[p].detach(), rec.delta_leaves[p].detach()) for p in d.module_paths}
-    clean_emb = rec.emb.detach()
-    s, t = att.nodes[src], att.nodes[tgt]
-
-    def run(sign: float) -> float:
-        replace, emb = dict(clean), clean_emb
-        if s.kind == "comp":
-            a = clean[s.module][0].clone()
-            a[0, s.pos, s.index] += sign * eps
-            replace[s.module] = (a, clean[s.module][1])
-        elif s.kind == "delta":  # shift along δ itself: the derivative is Σ_j ∂/∂δ_j · δ_j
-            delta = clean[s.module][1].clone()
-            delta[0, s.pos] *= 1 + sign * eps
-            replace[s.module] = (clean[s.module][0], delta)
-        else:
-            emb = clean_emb.clone()
-            emb[0, s.pos] *= 1 + sign * eps
-        with torch.no_grad(), direct_effect_leaves(d.model, replace=replace, replace_emb=emb) as rec:
-            logits = d.model.target(tokens).logits
-        if t.kind == "logit":
-            return float(logits[0, t.pos, t.index])
-        return float(rec.acts[t.module][0, t.pos, t.index])
-
-    slope = (run(1.0) - run(-1.0)) / (2 * eps)
-    return slope * float(att.activation[src] * att.ci[src]) if s.kind == "comp" else slope
-
-
 def _check_exact(d: Decomposition, tokens: torch.Tensor, att: Attribution, pairs: list[tuple[int, int]]) -> None:
     for tgt, src in pairs:
         stored = float(att.A[tgt, src])
         assert stored != 0.0, f"{att.nodes[src]} → {att.nodes[tgt]} is zero; the sample would prove nothing"
-        expected = _finite_difference(d, tokens, att, tgt, src)
+        expected = finite_difference_edge(d, tokens, att, tgt, src)
         assert stored == pytest.approx(expected, rel=1e-6, abs=1e-9), f"{att.nodes[src]} → {att.nodes[tgt]}"
 
 
