@@ -134,3 +134,38 @@ def test_bad_heads_raise():
         build_ci_function(CIConfig(d_model=30, n_heads=4), DIMS)
     with pytest.raises(VpdError, match="RoPE"):
         build_ci_function(CIConfig(d_model=30, n_heads=2), DIMS)
+
+
+def test_ci_hidden_per_matrix_round_trips(tmp_path):
+    """A pattern's `ci_hidden` widens only its matrices' CI networks, and the saved run loads back with them."""
+    from decomposer.vpd.config import DecomposeConfig
+    from decomposer.vpd.run import Decomposition, load_decomposition, save_state
+    from decomposer.vpd.toys import TMS
+
+    target = TMS(5, 2, hidden_layers=1)
+    config = DecomposeConfig(
+        target="tms",
+        modules=[
+            {"pattern": "W_in", "C": 8},
+            {"pattern": "hidden.*", "C": 6, "ci_hidden": 16},
+            {"pattern": "W_out", "C": 8},
+        ],
+        ci={"kind": "mlp", "hidden": 1},
+    )
+    d = Decomposition.create(config, target)
+    widths = {name: mlp.hidden for name, mlp in d.ci_fn.mlps.items()}
+    assert sorted(widths.values()) == [1, 1, 16]
+    assert d.ci_fn.mlps[next(k for k in d.ci_fn.mlps if k.startswith("hidden"))].w_in.shape == (6, 1, 16)
+    save_state(tmp_path, d, step=0, target_name="tms", train_state={"step": torch.zeros(1)})
+    loaded, _, _ = load_decomposition(tmp_path, target)
+    for key, tensor in d.tensors().items():
+        assert torch.equal(loaded.tensors()[key], tensor), key
+
+
+def test_ci_hidden_is_refused_for_the_global_transformer():
+    from pydantic import ValidationError
+
+    from decomposer.vpd.config import DecomposeConfig
+
+    with pytest.raises(ValidationError, match=r"modules.0.ci_hidden .* global_transformer"):
+        DecomposeConfig(modules=[{"pattern": "*.q_proj", "C": 4, "ci_hidden": 8}], ci={"kind": "global_transformer"})

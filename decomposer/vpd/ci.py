@@ -138,7 +138,7 @@ class PerMatrixCI(CIFunction):
     Args:
         kind: The per-matrix network, see `PerMatrixMLP`.
         dims: Path → (d_in, C), in model order.
-        hidden: Hidden width of every network.
+        hidden: Hidden width of every network, or path → width of each.
         generator: Random source for the initialisation; None uses torch's global generator.
     """
 
@@ -147,14 +147,15 @@ class PerMatrixCI(CIFunction):
         kind: Literal["mlp", "vector_mlp", "shared_mlp"],
         dims: Mapping[str, tuple[int, int]],
         *,
-        hidden: int,
+        hidden: int | Mapping[str, int],
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
         self.input_order = list(dims)
+        widths = hidden if isinstance(hidden, Mapping) else dict.fromkeys(dims, hidden)
         self.mlps = nn.ModuleDict(
-            {_key(p): PerMatrixMLP(kind, d_in, C, hidden, generator=generator) for p, (d_in, C) in dims.items()}
+            {_key(p): PerMatrixMLP(kind, d_in, C, widths[p], generator=generator) for p, (d_in, C) in dims.items()}
         )
         assert len(self.mlps) == len(self.input_order), "two module paths map to one key"
 
@@ -283,7 +284,11 @@ class GlobalCITransformer(CIFunction):
 
 
 def build_ci_function(
-    config: CIConfig, dims: Mapping[str, tuple[int, int]], *, generator: torch.Generator | None = None
+    config: CIConfig,
+    dims: Mapping[str, tuple[int, int]],
+    *,
+    generator: torch.Generator | None = None,
+    hidden: Mapping[str, int] | None = None,
 ) -> CIFunction:
     """The CI function that `config` describes, for the matrices in `dims`.
 
@@ -291,6 +296,7 @@ def build_ci_function(
         config: The `ci` section of the run config.
         dims: Path → (d_in, C) of every decomposed matrix, in model order.
         generator: Random source for the initialisation; None uses torch's global generator.
+        hidden: Path → hidden width for the matrices whose per-matrix network differs from `config.hidden`.
 
     Returns:
         A `GlobalCITransformer` or a `PerMatrixCI`, on the CPU in float32.
@@ -310,7 +316,8 @@ def build_ci_function(
             rope_base=config.rope_base,
             generator=generator,
         )
-    return PerMatrixCI(config.kind, dims, hidden=config.hidden, generator=generator)
+    widths = {path: (hidden or {}).get(path, config.hidden) for path in dims}
+    return PerMatrixCI(config.kind, dims, hidden=widths, generator=generator)
 
 
 class CausalImportance(NamedTuple):

@@ -139,6 +139,13 @@ class DecomposeConfig(_Frozen):
     def _consistent(self) -> DecomposeConfig:
         if not self.modules:
             raise ValueError("at least one module pattern is needed")
+        if self.ci.kind == "global_transformer" and isinstance(self.modules, tuple):
+            widths = [i for i, spec in enumerate(self.modules) if spec.ci_hidden is not None]
+            if widths:
+                raise ValueError(
+                    f"modules.{widths[0]}.ci_hidden sets a per-matrix CI width, but `ci.kind` is "
+                    "global_transformer, which has one network for all matrices; drop it or use a per-matrix kind"
+                )
         if self.loss.p_anneal_end_frac < self.loss.p_anneal_start_frac:
             raise ValueError("p_anneal_end_frac must not be below p_anneal_start_frac")
         return self

@@ -27,6 +27,7 @@ from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.integrity import check_sha256, load_safetensors, record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_json, resolve_atomic_dir
 from decomposer.vpd.ci import build_ci_function, causal_importance
+from decomposer.vpd.targets import ci_hidden_widths
 from decomposer.vpd.components import ComponentModel
 from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.dtensors import full_tensor, is_dtensor, load_full_into
@@ -68,7 +69,8 @@ class Decomposition:
         generator = torch.Generator().manual_seed(config.optim.seed if seed is None else seed)
         model = ComponentModel(target, config.modules, generator=generator, dtype=torch.float32)
         dims = {p: (model.components(p).d_in, model.components(p).C) for p in model.module_paths}
-        ci_fn = build_ci_function(config.ci, dims, generator=generator)
+        widths = ci_hidden_widths(model.module_paths, config.modules)
+        ci_fn = build_ci_function(config.ci, dims, generator=generator, hidden=widths)
         return cls(config, model, ci_fn)
 
     @property

@@ -41,6 +41,12 @@ class ModuleSpec(BaseModel):
         description="Number of rank-one subcomponents for each matrix the pattern matches; None: the paper's "
         "ratio to d_model for the matrix's role (q, k 0.67×; v, o 1.33×; MLP in 4×; MLP out 4.67×).",
     )
+    ci_hidden: int | None = Field(
+        None,
+        gt=0,
+        description="Hidden width of the per-matrix CI network of each matched matrix; None: `ci.hidden`. "
+        "Lets one matrix (a dense identity) have a wider CI network than its neighbours.",
+    )
 
 
 class AutoModules(BaseModel):
@@ -152,6 +158,21 @@ def select_modules(model: nn.Module, specs: Sequence[ModuleSpec] | Literal["auto
         for path in eligible
         if path in owner
     }
+
+
+def ci_hidden_widths(paths: Sequence[str], specs: ModulesSpec) -> dict[str, int]:
+    """Path → the `ci_hidden` of the pattern that matched it, for the paths whose pattern sets one.
+
+    `select_modules` has already checked that each path is matched by exactly one pattern.
+    """
+    if isinstance(specs, str | AutoModules):
+        return {}
+    widths = {}
+    for path in paths:
+        spec = next((s for s in specs if fnmatchcase(path, s.pattern)), None)
+        if spec is not None and spec.ci_hidden is not None:
+            widths[path] = spec.ci_hidden
+    return widths
 
 
 def read_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
