@@ -27,10 +27,10 @@ from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.integrity import check_sha256, load_safetensors, record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_json, resolve_atomic_dir
 from decomposer.vpd.ci import build_ci_function, causal_importance
-from decomposer.vpd.targets import ci_hidden_widths
 from decomposer.vpd.components import ComponentModel
 from decomposer.vpd.config import DecomposeConfig
 from decomposer.vpd.dtensors import full_tensor, is_dtensor, load_full_into
+from decomposer.vpd.targets import ci_hidden_widths
 
 FORMAT = "decomposition"
 FORMAT_VERSION = 1
