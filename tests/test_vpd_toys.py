@@ -1,11 +1,12 @@
-"""The toy targets (TMS with hidden layers, residual MLP), the scoring of `vpd toy`, and the long toy runs.
+"""The toy targets (TMS with hidden layers, residual MLP), the scoring of `vpd toy`, and the toy recipes.
 
-The long runs (TMS 40-10, the identity variants, residual MLPs) take minutes each on a CPU. They are marked
+TMS 5-2 (tests/test_vpd_tms.py) and TMS 5-2-id (here) run in the suite with their shipped recipes. The long
+runs (TMS 40-10 and 40-10-id, the residual MLPs) take 4-20 minutes each on one CPU core. They are marked
 `slow` and run only when VPD_LONG_TOYS=1 is set, e.g.
 
     VPD_LONG_TOYS=1 OMP_NUM_THREADS=1 python -m pytest tests/test_vpd_toys.py -m slow -k tms_40-10
 
-Their last results are in docs/toys.md. TMS 5-2 runs in the suite (tests/test_vpd_tms.py).
+Their last results, over three seeds each, are in docs/toys.md.
 """
 
 import json
@@ -17,28 +18,34 @@ import torch
 
 from circuits.cli import main
 from decomposer.errors import VpdError
-from decomposer.vpd.toy_run import load_toy_config
-from decomposer.vpd.toy_score import Pieces, ground_truth, input_span, match_pieces
+from decomposer.vpd.toy_run import load_toy_config, run_toy
+from decomposer.vpd.toy_score import Pieces, ground_truth, input_span, match_pieces, read_downstream
 from decomposer.vpd.toys import TMS, ResidMLP, resid_mlp_labels, sparse_feature_batches, train_resid_mlp, train_tms
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toys"
 SHORT_OF_THE_PAPER = pytest.mark.xfail(
-    reason="the CPU-length residual-MLP recipe recovers only part of the features (docs/toys.md)", strict=False
+    reason="the CPU-length multi-layer recipe recovers only part of the features (docs/toys.md)", strict=False
 )
 LONG_TOYS = (
-    "tms_5-2-id",
     "tms_40-10",
     "tms_40-10-id",
-    pytest.param("resid_mlp1", marks=SHORT_OF_THE_PAPER),
+    pytest.param(
+        "resid_mlp1",
+        marks=pytest.mark.xfail(
+            reason="every mlp_in feature is recovered, but the CI-masked model keeps 26% of the all-off MSE, above "
+            "the 20% bound: mlp_out is split sparsely and is not faithful at masks = CI (docs/toys.md)",
+            strict=False,
+        ),
+    ),
     pytest.param("resid_mlp2", marks=SHORT_OF_THE_PAPER),
     pytest.param("resid_mlp3", marks=SHORT_OF_THE_PAPER),
 )
-LONG_NAMES = ("tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3")
+LONG_NAMES = ("tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3")
 
 
 def test_every_shipped_toy_config_loads():
     names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert set(LONG_NAMES) | {"tms_5-2"} == set(names)
+    assert set(LONG_NAMES) | {"tms_5-2", "tms_5-2-id"} == set(names)
     for name in names:
         config = load_toy_config(CONFIGS / f"{name}.yaml")
         assert len(config.seeds) >= 3 and config.decompose.loss.output_loss == "mse"
@@ -83,6 +90,17 @@ def test_ground_truth_pieces_of_each_matrix():
     # mlp_out is dense; its rank counts only the neurons that ever switch on (here 3 of 4: neuron 2 never does).
     hidden = torch.tensor([[1.0, 0.0, 0.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     assert ground_truth(resid, "layers.0.mlp_out", {"layers.0.mlp_out": hidden}) == Pieces("dense", None, None, 3)
+
+
+def test_dense_check_compares_only_the_directions_read_downstream():
+    resid = ResidMLP(6, 16, 4, 2, seed=0)
+    last, first = read_downstream(resid, "layers.1.mlp_out"), read_downstream(resid, "layers.0.mlp_out")
+    assert last.shape == (6, 16) and first.shape == (10, 16)  # W_E; W_E and the next block's mlp_in rows
+    assert torch.allclose(last @ last.T, torch.eye(6), atol=1e-5)
+    unread = torch.randn(16)
+    unread -= first.T @ (first @ unread)  # a residual direction nothing after layer 0 reads
+    assert float((first @ unread).norm()) < 1e-5 and float((last @ resid.W_E[0]).norm()) > 0.99
+    assert read_downstream(TMS(5, 2, hidden_layers=1), "hidden.0") is None
 
 
 def test_match_pieces_scores_reads_only_on_the_input_span():
@@ -160,6 +178,17 @@ def test_vpd_toy_reports_a_bad_config_in_one_sentence(tmp_path, capsys):
 def test_bad_arguments_raise_one_sentence(call, message):
     with pytest.raises(VpdError, match=message):
         call()
+
+
+@pytest.mark.slow
+def test_tms_5_2_id_recovers_every_feature_and_the_identity_as_two_subcomponents(tmp_path):
+    """The shipped tms_5-2-id recipe, seed 0, as `vpd toy` runs it (about a minute on one core)."""
+    result = run_toy(load_toy_config(CONFIGS / "tms_5-2-id.yaml"), tmp_path, seed=0, plots=False)
+    assert result["all_recovered"], result["matrices"]
+    identity = result["matrices"]["hidden.0"]
+    assert identity["alive"] == 2 and identity["relative_error_alive_sum"] < 0.1, identity
+    assert result["dense_as_expected"]
+    assert result["mse_ci"] < 0.3 * result["mse_zero"]
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def format_result(name: str, result: dict) -> str:
         f"{name} seed {result['seed']}: {'every feature' if result['all_recovered'] else 'NOT every feature'} recovered"
         f" (target {result['seconds']['target']:.0f} s, decompose {result['seconds']['decompose']:.0f} s)",
         f"  {'matrix':<18} {'recovered':>15} {'alive / C':>11} {'CI diag mean':>13} {'CI max off':>11}"
-        f" {'MMCS':>6} {'ML2R':>6}",
+        f" {'MMCS':>6} {'ML2R':>6} {'on per row':>10}",
     ]
     for path, row in result["matrices"].items():
         cells = [_cell(row.get(k)) for k in ("ci_diagonal_mean", "ci_max_off_diagonal", "mmcs", "ml2r")]
@@ -55,6 +55,7 @@ def format_result(name: str, result: dict) -> str:
         lines.append(
             f"  {path:<18} {row['recovered']:>4} / {row['pieces']:<3} {kind:<6}"
             f" {row['alive']:>4} / {row['C']:<4} {cells[0]:>13} {cells[1]:>11} {cells[2]:>6} {cells[3]:>6}"
+            f" {_cell(row.get('active_per_row')):>10}"
         )
         if row["kind"] == "dense":
             lines[-1] += f"  (dense: Σ alive vs W error {row['relative_error_alive_sum']:.3f})"

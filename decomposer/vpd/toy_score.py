@@ -62,6 +62,21 @@ def ground_truth(target: TMS | ResidMLP, path: str, one_hot_xs: dict[str, Tensor
     return Pieces("dense", None, None, int(torch.linalg.matrix_rank(one_hot_xs[path] @ W.T, atol=1e-4)))
 
 
+def read_downstream(target: TMS | ResidMLP, path: str) -> Tensor | None:
+    """Orthonormal basis (k, d_out) of the output directions of matrix `path` that anything after it reads, or
+    None when that is all of them.
+
+    A residual-MLP block writes into the 1000-dimensional residual stream, of which only the unembedding (W_Eᵀ,
+    the n_features rows of W_E) and the later blocks' `mlp_in` rows are ever read: a decomposition may put
+    anything in the other directions, so the dense check compares only what is read.
+    """
+    if not isinstance(target, ResidMLP):
+        return None
+    layer = int(path.split(".")[1])
+    readers = [target.W_E] + [block.mlp_in.weight for block in target.layers[layer + 1 :]]
+    return input_span(torch.cat(readers).detach())
+
+
 def _abs_cos(a: Tensor, b: Tensor) -> Tensor:
     """|cos| between every row of a (n, d) and every row of b (C, d): (n, C)."""
     a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -122,8 +137,10 @@ def score_toy(d: Decomposition, eval_x: Tensor, *, one_hot_value: float) -> dict
 
     Returns:
         A JSON-ready dict: per path `kind`, `pieces`, `recovered`, `alive`, `C`, and for feature matrices
-        `ci_diagonal_mean` and `ci_max_off_diagonal`; overall `mse_ci` (masks = CI, no delta), `mse_zero`
-        (every mask 0, for scale), and `matches` (path → subcomponent per piece, or None).
+        `ci_diagonal_mean` and `ci_max_off_diagonal`; `active_per_row` (mean subcomponents with CI > 0.1 on
+        rows with an active feature); for dense matrices `relative_error_alive_sum` (on what is read
+        downstream); overall `mse_ci` (masks = CI, no delta), `mse_zero` (every mask 0, for scale), and
+        `matches` (path → subcomponent per piece, or None).
     """
     target = d.model.target
     n = target.n_features
@@ -141,13 +158,18 @@ def score_toy(d: Decomposition, eval_x: Tensor, *, one_hot_value: float) -> dict
         alive = (torch.cat([g[path], g_one_hot[path]]) > ALIVE_THRESHOLD).any(0)  # (C,)
         pieces = ground_truth(target, path, signed_xs)
         row = {"kind": pieces.kind, "C": comp.C, "alive": int(alive.sum()), "pieces": pieces.rank}
+        # How many subcomponents a row needs: dense mechanisms are on for every row with an active feature.
+        busy = eval_x.abs().sum(dim=1) > 0
+        row["active_per_row"] = float((g[path][busy] > ALIVE_THRESHOLD).sum(dim=1).float().mean())
         span = input_span(signed_xs[path])  # (k, d_in)
         if pieces.kind == "dense":
             # As expected when as many subcomponents are alive as the rank and together they rebuild W (on the
             # inputs it is given).
             W = comp.weight.detach()
             W_alive = torch.einsum("co,ic->oi", comp.U[alive].detach(), comp.V[:, alive].detach())
-            error = float(((W_alive - W) @ span.T).norm() / (W @ span.T).norm())
+            read = read_downstream(target, path)
+            out = torch.eye(W.shape[0]) if read is None else read  # (k, d_out)
+            error = float((out @ (W_alive - W) @ span.T).norm() / (out @ W @ span.T).norm())
             row["relative_error_alive_sum"] = error
             row["recovered"] = pieces.rank if (int(alive.sum()) == pieces.rank and error < 0.1) else 0
             result["matches"][path] = None
