@@ -28,7 +28,14 @@ SHORT_OF_THE_PAPER = pytest.mark.xfail(
 )
 LONG_TOYS = (
     "tms_40-10",
-    "tms_40-10-id",
+    pytest.param(
+        "tms_40-10-id",
+        marks=pytest.mark.xfail(
+            reason="one W_in pair stays merged on every seed (38 / 40) and the identity has 10-12 subcomponents "
+            "summing to it within 13-19% (docs/toys.md)",
+            strict=False,
+        ),
+    ),
     pytest.param(
         "resid_mlp1",
         marks=pytest.mark.xfail(
