@@ -1,7 +1,7 @@
 """The toy targets (TMS with hidden layers, residual MLP), the scoring of `vpd toy`, and the toy recipes.
 
 TMS 5-2 (tests/test_vpd_tms.py) and TMS 5-2-id (here) run in the suite with their shipped recipes. The long
-runs (TMS 40-10 and 40-10-id, the residual MLPs) take 4-20 minutes each on one CPU core. They are marked
+runs (TMS 40-10 and 40-10-id, the residual MLPs) take 1-20 minutes each on one CPU core. They are marked
 `slow` and run only when VPD_LONG_TOYS=1 is set, e.g.
 
     VPD_LONG_TOYS=1 OMP_NUM_THREADS=1 python -m pytest tests/test_vpd_toys.py -m slow -k tms_40-10
