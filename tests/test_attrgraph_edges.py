@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
@@ -16,7 +16,7 @@ from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
-from tests.conftest import finite_difference_edge, float64_decomposition
+from tests.conftest import finite_difference_edge, float64_decomposition, tiny_llama
 
 T, VOCAB, C = 5, 40, 6
 _IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "attn_implementation": "eager"}
@@ -72,17 +72,7 @@ def float64_llama() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def llama(float64_llama) -> tuple[Decomposition, torch.Tensor, dict[str, torch.Tensor], Attribution]:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        **_IDS,
-    )
-    d = _decomposition(LlamaForCausalLM(cfg), LLAMA_MODULES)
+    d = _decomposition(tiny_llama(vocab=VOCAB), LLAMA_MODULES)
     tokens, ci = _setup(d, 1)
     return d, tokens, ci, attribute_reference(d, tokens, ci=ci)
 
@@ -353,17 +343,7 @@ def test_attention_without_decomposed_matrices_is_not_packed(float64_llama):
     from attrgraph.edges import slot_groups
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        **_IDS,
-    )
-    d = _decomposition(LlamaForCausalLM(cfg), [{"pattern": "model.layers.*.mlp.*_proj", "C": C}])
+    d = _decomposition(tiny_llama(vocab=VOCAB), [{"pattern": "model.layers.*.mlp.*_proj", "C": C}])
     tokens, ci = _setup(d, 4)
     _, target_pos, logit_tokens, prepared, _ = prepare_inputs(d, tokens, None, [1], ci)
     assert slot_groups(d, CandidateNodes(d, T, target_pos, logit_tokens, prepared)) is None

@@ -153,13 +153,13 @@ def score_toy(d: Decomposition, eval_x: Tensor, *, one_hot_value: float) -> dict
         _, signed_xs = d.model.forward_with_inputs(torch.cat([eye, -eye]))
     g_one_hot = ci_of(d, one_hot_value * eye)
     result: dict = {"matrices": {}, "matches": {}}
+    busy = eval_x.abs().sum(dim=1) > 0  # rows with at least one active feature
     for path in d.module_paths:
         comp = d.model.components(path)
         alive = (torch.cat([g[path], g_one_hot[path]]) > ALIVE_THRESHOLD).any(0)  # (C,)
         pieces = ground_truth(target, path, signed_xs)
         row = {"kind": pieces.kind, "C": comp.C, "alive": int(alive.sum()), "pieces": pieces.rank}
         # How many subcomponents a row needs: dense mechanisms are on for every row with an active feature.
-        busy = eval_x.abs().sum(dim=1) > 0
         row["active_per_row"] = float((g[path][busy] > ALIVE_THRESHOLD).sum(dim=1).float().mean())
         span = input_span(signed_xs[path])  # (k, d_in)
         if pieces.kind == "dense":
