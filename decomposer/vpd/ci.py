@@ -159,6 +159,10 @@ class PerMatrixCI(CIFunction):
         )
         assert len(self.mlps) == len(self.input_order), "two module paths map to one key"
 
+    def network(self, path: str) -> PerMatrixMLP:
+        """The CI network of the matrix at `path`."""
+        return self.mlps[_key(path)]
+
     def forward(self, xs: Mapping[str, Tensor], acts: Mapping[str, Tensor]) -> dict[str, Tensor]:
         _require("xs", xs, self.input_order)
         if self.kind == "mlp":

@@ -89,6 +89,19 @@ class OptimConfig(_Frozen):
     bf16: bool = Field(True, description="bf16 autocast on CUDA (KL stays fp32); ignored on CPU.")
 
 
+class ReviveConfig(_Frozen):
+    """Reviving dead subcomponents during training (revive.py); off unless `every` > 0. Toy recipes use it."""
+
+    every: int = Field(0, ge=0, description="Steps between revivals; 0 turns revival off.")
+    start: int = Field(300, ge=0, description="Step of the first revival.")
+    until_frac: Probability = Field(0.6, description="No revival after this fraction of the steps.")
+    per_matrix: PositiveInt = Field(4, description="At most this many subcomponents revived per matrix each time.")
+    dead_below: float = Field(1e-3, gt=0, description="Dead: CI below this on every row of the batch.")
+    unexplained: Probability = Field(
+        0.1, description="A row qualifies when the subcomponents its CI turns on leave this fraction of W x out."
+    )
+
+
 class EvalConfig(_Frozen):
     """Evaluation cadence and the fresh shared-source PGD probe (method.md §10)."""
 
@@ -114,6 +127,7 @@ class DecomposeConfig(_Frozen):
     adversary: AdversaryConfig = Field(default_factory=AdversaryConfig, description="Adversary.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    revive: ReviveConfig = Field(default_factory=ReviveConfig, description="Reviving dead subcomponents.")
     checkpoint_every: PositiveInt = Field(500, description="Steps between atomic checkpoints.")
     data_dir: str | None = Field(None, description="Data directory of the corpus; None means the default.")
     init_from: str | None = Field(
@@ -146,6 +160,12 @@ class DecomposeConfig(_Frozen):
                     f"modules.{widths[0]}.ci_hidden sets a per-matrix CI width, but `ci.kind` is "
                     "global_transformer, which has one network for all matrices; drop it or use a per-matrix kind"
                 )
+        if self.revive.every and self.ci.kind not in ("mlp", "vector_mlp"):
+            raise ValueError(
+                f"revive.every turns on reviving dead subcomponents, which sets one subcomponent's own CI network, "
+                f"but `ci.kind` is {self.ci.kind}, whose network is shared; use `mlp` or `vector_mlp`, or set "
+                "revive.every to 0"
+            )
         if self.loss.p_anneal_end_frac < self.loss.p_anneal_start_frac:
             raise ValueError("p_anneal_end_frac must not be below p_anneal_start_frac")
         return self

@@ -9,6 +9,8 @@
 6. Importance and frequency minimality at the scheduled p.
 7. total.backward(), gradients averaged across ranks, U/V clipped, AdamW step, then PPGD's third
    ascent with ∂L_adv/∂s from the same backward (the sources are leaves that only L_adv reads).
+
+When the config turns revival on, a step it falls on first revives dead subcomponents (revive.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from decomposer.vpd.losses import (
     mse_output_loss,
     p_schedule,
 )
+from decomposer.vpd.revive import revival_due, revive_dead
 from decomposer.vpd.routing import uniform_k_routing
 from decomposer.vpd.run import Decomposition
 
@@ -157,6 +160,8 @@ class Trainer:
         and one backward, and reading them in one place is how the step is checked against the method.
         """
         cfg, d, gen = self.d.config, self.d, self.generator
+        if revival_due(cfg.revive, step, cfg.optim.steps):
+            revive_dead(d, batch, cfg.revive, self.opt)
         lr = cosine_lr(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.lr_final_frac, cfg.optim.lr_warmup_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr

@@ -224,6 +224,11 @@ def decompose(
     if shard and not (dist.is_available() and dist.is_initialized()):
         raise VpdError("`shard` needs a process group: launch with `torchrun --nproc-per-node N`, or drop `--shard`.")
     cfg = config
+    if cfg.revive.every and (world > 1 or shard):
+        raise VpdError(
+            "`revive.every` revives subcomponents from each rank's own rows, which would split the replicas; "
+            "set it to 0 or train on one process."
+        )
     target, batches, eval_batches, n_ref = _target_and_data(cfg, target, batches, eval_batches, rank, world)
     target_name = cfg.target
     d, state, start = _starting_point(cfg, out, target, resume=resume, shard=shard)
