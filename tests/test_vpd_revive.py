@@ -94,6 +94,13 @@ def test_a_revived_subcomponent_is_W_on_its_rows_direction_and_on_only_there(kin
         assert torch.equal(comp.V[:, c], before["W_in"][0][:, c]) and torch.equal(comp.U[c], before["W_in"][1][c])
 
 
+def test_only_the_matrices_the_patterns_match_are_revived():
+    d = _decomposition()
+    before = d.model.components("W_in").V.clone()
+    assert revive_dead(d, _batch(), ReviveConfig(every=1, per_matrix=3, patterns=("W_o*",))) == 3
+    assert torch.equal(d.model.components("W_in").V, before)
+
+
 def test_revival_restarts_the_moments_of_the_revived_entries_only():
     d = _decomposition()
     uv, ci_params = d.trainable_parameters()

@@ -93,6 +93,7 @@ class ReviveConfig(_Frozen):
     """Reviving dead subcomponents during training (revive.py); off unless `every` > 0. Toy recipes use it."""
 
     every: int = Field(0, ge=0, description="Steps between revivals; 0 turns revival off.")
+    patterns: tuple[str, ...] = Field(("*",), min_length=1, description="fnmatch globs of the matrices revived.")
     start: int = Field(300, ge=0, description="Step of the first revival.")
     until_frac: Probability = Field(0.6, description="No revival after this fraction of the steps.")
     per_matrix: PositiveInt = Field(4, description="At most this many subcomponents revived per matrix each time.")

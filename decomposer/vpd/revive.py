@@ -6,7 +6,8 @@ common one is a *merged pair*: one subcomponent reads e_i + e_j and is on for bo
 write is read only by a later subcomponent that is off whenever the pair is on. Splitting it costs nothing in
 importance, but it needs a second subcomponent to come alive, which the floor prevents (docs/toys.md).
 
-Every `revive.every` steps (from `start` until `until_frac` of training), per decomposed matrix:
+Every `revive.every` steps (from `start` until `until_frac` of training), per decomposed matrix that
+`revive.patterns` matches:
 
 1. the rows whose on subcomponents (CI > 0) leave at least `unexplained` of the matrix output W x out are
    ranked by the norm of what they leave out; rows whose input is within |cos| 0.9 of one already used are
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,8 @@ def revive_dead(d: Decomposition, batch: Tensor, cfg: ReviveConfig, opt: torch.o
     g, _ = d.causal_importance(xs)
     revived = 0
     for path in d.module_paths:
+        if not any(fnmatchcase(path, pattern) for pattern in cfg.patterns):
+            continue
         comp = d.model.components(path)
         g_l = g[path].reshape(-1, comp.C)
         dead = (g_l.max(0).values < cfg.dead_below).nonzero().flatten().tolist()
