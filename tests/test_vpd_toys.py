@@ -6,7 +6,8 @@ runs (TMS 40-10 and 40-10-id, the residual MLPs) take 1-20 minutes each on one C
 
     VPD_LONG_TOYS=1 OMP_NUM_THREADS=1 python -m pytest tests/test_vpd_toys.py -m slow -k tms_40-10
 
-Their last results, over three seeds each, are in docs/toys.md.
+Their last results, over three seeds each, are in docs/toys.md. One more slow test runs TMS 40-10 seed 2 with and
+without the revival of dead W_in subcomponents, which its recipe relies on.
 """
 
 import json
@@ -18,6 +19,7 @@ import torch
 
 from circuits.cli import main
 from decomposer.errors import VpdError
+from decomposer.vpd.config import ReviveConfig
 from decomposer.vpd.toy_run import load_toy_config, run_toy
 from decomposer.vpd.toy_score import Pieces, ground_truth, input_span, match_pieces, read_downstream
 from decomposer.vpd.toys import TMS, ResidMLP, resid_mlp_labels, sparse_feature_batches, train_resid_mlp, train_tms
@@ -208,3 +210,17 @@ def test_long_toy_recovers_every_feature(name, tmp_path, capsys):
     (result,) = summary["results"]
     assert result["all_recovered"], result["matrices"]
     assert result["mse_ci"] < 0.2 * result["mse_zero"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VPD_LONG_TOYS") != "1", reason="minutes per toy; set VPD_LONG_TOYS=1")
+def test_revival_splits_the_merged_w_in_pair_of_tms_40_10(tmp_path):
+    """Seed 2 of TMS 40-10 keeps a merged W_in pair without revival (38 / 40) and recovers all 40 with it."""
+    config = load_toy_config(CONFIGS / "tms_40-10.yaml")
+    without = config.model_copy(
+        update={"decompose": config.decompose.model_copy(update={"revive": ReviveConfig(every=0)})}
+    )
+    revived = run_toy(config, tmp_path / "revived", 2, plots=False)["matrices"]["W_in"]
+    merged = run_toy(without, tmp_path / "without", 2, plots=False)["matrices"]["W_in"]
+    assert revived["recovered"] == revived["alive"] == 40, revived
+    assert merged["recovered"] < 40 and merged["alive"] < 40, merged
