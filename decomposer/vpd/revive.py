@@ -119,7 +119,7 @@ def revive_dead(d: Decomposition, batch: Tensor, cfg: ReviveConfig, opt: torch.o
         if not dead:
             continue
         x = xs[path].reshape(-1, comp.d_in).to(comp.V.dtype)
-        on_out = ((x @ comp.V) * (g_l > 0).to(x.dtype)) @ comp.U
+        on_out = (comp.component_acts(x) * (g_l > 0).to(x.dtype)) @ comp.U
         net = d.ci_fn.network(path)
         used: list[Tensor] = []
         for row in candidate_rows(x, comp.weight, on_out, cfg.unexplained).tolist():
