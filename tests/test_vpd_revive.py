@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -128,20 +126,3 @@ def test_revival_is_refused_for_a_shared_ci_network_and_across_ranks(tmp_path, m
     config = toy_config().model_copy(update={"revive": ReviveConfig(every=2)})
     with pytest.raises(VpdError, match=r"`revive.every` .* one process"):
         decompose(config, tmp_path, target=toy_target(), batches=toy_batches)
-
-
-def test_kill_and_resume_with_revival_is_bit_identical(tmp_path):
-    config = toy_config().model_copy(update={"revive": ReviveConfig(every=2, start=1, until_frac=1.0)})
-    whole = decompose(config, tmp_path / "whole", target=toy_target(), batches=toy_batches)
-
-    def kill(log):
-        if log.step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        decompose(config, tmp_path / "killed", target=toy_target(), batches=toy_batches, on_step=kill)
-    resumed = decompose(config, tmp_path / "killed", target=toy_target(), batches=toy_batches, resume=True)
-    for name, value in whole.tensors().items():
-        assert torch.equal(value, resumed.tensors()[name]), name
-    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(8))

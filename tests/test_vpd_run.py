@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from circuits.cli import main
 from decomposer.errors import VpdError
-from decomposer.vpd.config import DecomposeConfig
+from decomposer.vpd.config import DecomposeConfig, ReviveConfig
 from decomposer.vpd.run import META_FILE, STATE_DIR, WEIGHTS_FILE, Decomposition, load_decomposition
 from decomposer.vpd.train import decompose
 from tests.conftest import toy_batches, toy_config, toy_target
@@ -42,16 +42,19 @@ def test_run_folder_layout_and_bit_exact_reload(tmp_path):
     assert set(saved) == set(d.tensors())
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
-    whole = decompose(toy_config(), tmp_path / "whole", target=toy_target(), batches=toy_batches)
+@pytest.mark.parametrize("revive", [None, {"every": 2, "start": 1, "until_frac": 1.0}], ids=["plain", "revival"])
+def test_kill_and_resume_is_bit_identical(tmp_path, revive):
+    # With revival on, steps 1, 3, 5 and 7 revive dead subcomponents; 5 and 7 come after the resume from step 4.
+    config = toy_config() if revive is None else toy_config().model_copy(update={"revive": ReviveConfig(**revive)})
+    whole = decompose(config, tmp_path / "whole", target=toy_target(), batches=toy_batches)
 
     def kill(log):
         if log.step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        decompose(toy_config(), tmp_path / "killed", target=toy_target(), batches=toy_batches, on_step=kill)
-    resumed = decompose(toy_config(), tmp_path / "killed", target=toy_target(), batches=toy_batches, resume=True)
+        decompose(config, tmp_path / "killed", target=toy_target(), batches=toy_batches, on_step=kill)
+    resumed = decompose(config, tmp_path / "killed", target=toy_target(), batches=toy_batches, resume=True)
     for name, value in whole.tensors().items():
         assert torch.equal(value, resumed.tensors()[name]), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
