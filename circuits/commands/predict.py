@@ -10,7 +10,11 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser("predict", help="print a model's top next-token predictions for a prompt")
     predict.add_argument("prompt", help="the prompt text")
-    predict.add_argument("--model", default="bundled", help="`bundled`, a local model folder, or a hub id")
+    predict.add_argument(
+        "--model",
+        default="bundled",
+        help="`bundled`, `smollm2-135m` (fetched and converted once), a local model folder, or a hub id",
+    )
     predict.add_argument("-k", "--top-k", type=int, default=5, help="how many predictions to print")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.set_defaults(handler=_predict)

