@@ -9,6 +9,7 @@ Edges with weight exactly 0 are structural zeros and are not stored.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -173,11 +174,22 @@ def check_prompt(
         VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
             position out of range.
     """
+    return check_model_prompt(d.model.target, tokenizer, prompt, target_token, target_pos)
+
+
+def check_model_prompt(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target_token: str | None,
+    target_pos: int | None,
+) -> tuple[Tensor, int, int | None]:
+    """`check_prompt` against a model without a decomposition (its config gives the context)."""
     if not prompt.strip():
         raise VpdError("`prompt` is empty. Pass the text to explain, e.g. 'The princess lost her'.")
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     T = ids.shape[1]
-    context = getattr(d.model.target.config, "max_position_embeddings", None)
+    context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and T > context:
         raise VpdError(
             f"`prompt` is {T} tokens, longer than the model's context of {context}; shorten it to {context} tokens."

@@ -10,15 +10,22 @@ TOP_K = 5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablate", help="ablate, rescale or resample subcomponents on one prompt")
-    p.add_argument("--run", required=True, help="decomposition run folder, or `bundled`")
+    p = sub.add_parser("ablate", help="ablate, rescale or resample subcomponents (or a model's heads and neurons)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="decomposition run folder, or `bundled`")
+    which.add_argument(
+        "--model",
+        help="without a decomposition: `bundled`, `smollm2-135m`, a model folder or a hub id; --nodes are then "
+        "heads and neurons, block.attn.head:h or block.mlp.neuron:i (optionally @t), and --kind zero or scale",
+    )
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument(
         "--nodes",
         required=True,
         nargs="+",
         metavar="NODE",
-        help="subcomponents as block.part.matrix:c (every position) or block.part.matrix:c@t, e.g. 1.attn.q:31",
+        help="subcomponents as block.part.matrix:c (every position) or block.part.matrix:c@t, e.g. 1.attn.q:31; "
+        "with --model, heads and neurons, e.g. 3.attn.head:5 12.mlp.neuron:100@2",
     )
     p.add_argument(
         "--kind",
@@ -66,6 +73,10 @@ def _ablate(args: argparse.Namespace) -> None:
         raise VpdError(
             f"`--generate` must be ≥ 0 and `--reference-size` ≥ 1; got {args.generate}, {args.reference_size}."
         )
+    if args.model is not None:
+        summary = _ablate_model(args)
+        _report(args, summary)
+        return
     d, tokenizer, _ = load_run(args.run)
     ids, pos, label, _ = resolve_prompt(d, tokenizer, args.prompt, args.target, args.position)
     resolve_sites(d, args.nodes, seq_len=ids.shape[1], name="--nodes")
@@ -81,6 +92,45 @@ def _ablate(args: argparse.Namespace) -> None:
         target_pos=pos,
         target_token=label,
     )
+    summary = _summary(args, result, tokenizer, pos, label)
+    if args.generate:
+        iv = Intervention(tuple(args.nodes), args.kind, args.scale, reference, args.seed)
+        summary["generation"] = {
+            "tokens": args.generate,
+            "without": generate(d, tokenizer, args.prompt, (), args.generate),
+            "with": generate(d, tokenizer, args.prompt, iv, args.generate),
+        }
+    _report(args, summary)
+
+
+def _ablate_model(args: argparse.Namespace) -> dict:
+    """Heads and neurons of a model without a decomposition (`circuits.model_interventions`)."""
+    from attrgraph.graph import check_model_prompt
+    from circuits.model_interventions import UNIT_KINDS, ablate_units, generate_units, resolve_units
+    from decomposer.errors import VpdError
+    from decomposer.target import load_target
+
+    if args.kind not in UNIT_KINDS:
+        raise VpdError(
+            f"`--kind {args.kind}` needs a decomposition's held-out data; with `--model` use zero or scale, "
+            "or pass `--run`."
+        )
+    model, tokenizer = load_target(args.model)
+    ids, pos, label = check_model_prompt(model, tokenizer, args.prompt, args.target, args.position)
+    resolve_units(model, args.nodes, seq_len=ids.shape[1])
+    result = ablate_units(model, ids, args.nodes, args.kind, scale=args.scale, target_pos=pos, target_token=label)
+    summary = _summary(args, result, tokenizer, pos, int(result.target_token[0]))
+    summary["model"] = args.model
+    if args.generate:
+        summary["generation"] = {
+            "tokens": args.generate,
+            "without": generate_units(model, tokenizer, args.prompt, [], args.kind, args.scale, args.generate),
+            "with": generate_units(model, tokenizer, args.prompt, args.nodes, args.kind, args.scale, args.generate),
+        }
+    return summary
+
+
+def _summary(args: argparse.Namespace, result, tokenizer, pos: int, label: int) -> dict:
     before = result.target_logits[0, pos].double().softmax(-1)
     after = result.logits[0, pos].double().softmax(-1)
     summary = {
@@ -99,13 +149,11 @@ def _ablate(args: argparse.Namespace) -> None:
         "top_after": _top(after, tokenizer),
         "generation": None,
     }
-    if args.generate:
-        iv = Intervention(tuple(args.nodes), args.kind, args.scale, reference, args.seed)
-        summary["generation"] = {
-            "tokens": args.generate,
-            "without": generate(d, tokenizer, args.prompt, (), args.generate),
-            "with": generate(d, tokenizer, args.prompt, iv, args.generate),
-        }
+    return summary
+
+
+def _report(args: argparse.Namespace, summary: dict) -> None:
+    pos = summary["target_pos"]
     if args.json:
         json.dump(summary, sys.stdout)
         print()
