@@ -1,4 +1,4 @@
-"""Harvest statistics against hand and brute-force counts; artifacts, labels, cards, the LLM labeller, the CLI.
+"""Harvest statistics against hand and brute-force counts; artifacts, labels, cards, the CLI.
 
 The CI is under the test's control: `d.causal_importance` is replaced by a function that returns fixed
 tensors, batch after batch, so every firing is known in advance.
@@ -6,13 +6,10 @@ tensors, batch after batch, so every firing is known in advance.
 
 from __future__ import annotations
 
-import http.server
 import json
 import math
 import re
-import threading
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ from circuits.cli import main
 from circuits.component import component_card, render_component_html
 from circuits.harvest import harvest, load_harvest, save_harvest
 from circuits.harvest_accumulate import _at_most_per_group, _reservoir_offer
-from circuits.labeller import LLMLabeller, StatsLabeller, label_components
+from circuits.labeller import StatsLabeller, label_components
 from decomposer.errors import ArtifactFormatError, DamagedArtifactError, VpdError
 from decomposer.integrity import file_sha256
 from tests.conftest import float64_decomposition, tiny_llama
@@ -519,74 +516,6 @@ def html_escaped(s: str) -> str:
     import html
 
     return html.escape(s, quote=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# LLM labeller against a local fake server
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    requests: ClassVar[list] = []
-    reply: ClassVar[tuple[int, bytes]] = (200, b"")
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).requests.append((self.path, dict(self.headers), json.loads(body)))
-        status, payload = type(self).reply
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    srv = http.server.HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    _Handler.requests = []
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join()
-
-
-def test_llm_labeller_request_and_response(saved, server, monkeypatch):
-    h, *_ = saved
-    port = server.server_address[1]
-    monkeypatch.setenv("VPD_LLM_BASE_URL", f"http://127.0.0.1:{port}/v1/")
-    monkeypatch.setenv("VPD_LLM_API_KEY", "sk-test")
-    monkeypatch.setenv("VPD_LLM_MODEL", "tiny-model")
-    content = 'Label: "second-person pronoun"\nextra words'
-    _Handler.reply = (200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
-    labeller = LLMLabeller(timeout=5)
-    summary = h.summary(0, text=True)
-    assert labeller.label(summary) == "second-person pronoun"
-    path, headers, body = _Handler.requests[-1]
-    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-test"
-    assert body["model"] == "tiny-model" and body["temperature"] == 0.0
-    prompt = body["messages"][-1]["content"]
-    assert repr(summary["input"][0]["token"]) in prompt and "<<" in prompt
-    _Handler.reply = (500, b'{"error": "overloaded"}')
-    with pytest.raises(VpdError, match="answered HTTP 500") as err:
-        labeller.label(summary)
-    assert "\n" not in str(err.value)
-    _Handler.reply = (200, b'{"nothing": []}')
-    with pytest.raises(VpdError, match=r"returned no `choices\[0\].message.content`"):
-        labeller.label(summary)
-
-
-def test_llm_labeller_needs_its_env_vars(monkeypatch):
-    for name in ("VPD_LLM_BASE_URL", "VPD_LLM_API_KEY", "VPD_LLM_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("VPD_LLM_MODEL", "m")
-    with pytest.raises(VpdError, match="needs VPD_LLM_BASE_URL, VPD_LLM_API_KEY set") as err:
-        LLMLabeller()
-    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ MODULES = (
     "edit",
     "harvest",
     "component",
+    "autointerp",
     "qk",
     "study",
     "cluster",
