@@ -10,7 +10,10 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -428,6 +431,30 @@ def test_an_interrupted_run_resumes_without_repeating_finished_requests(llm, run
     assert "0 labelled by tiny-model, 6 from the cache" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_a_stopped_process_resumes_without_repeating_finished_requests(llm, run, sig, capsys):
+    server = llm({"0.attn.q:3": [("hang", 60)]})  # the third request hangs until the process is stopped
+    args = ["autointerp", "--run", str(run), "--endpoint", server.url, "--model", "tiny-model", "--concurrency", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "circuits.cli", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(server.requests) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.keys() == ["0.attn.q:5", "0.attn.q:4", "0.attn.q:3"]
+        stopped = time.time()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "vpd autointerp: interrupted" in err and "Traceback" not in err
+        assert time.time() - stopped < 10  # without waiting for the hung request
+        assert set(json.loads(labels_file(run).read_text())["labels"]) == {"0.attn.q:5", "0.attn.q:4"}
+    assert main(args) == 0
+    assert server.keys()[3:] == ["0.attn.q:3", "0.attn.q:2", "0.attn.q:1", "0.attn.q:0"]  # the finished two not again
+    assert f"wrote {N_KEYS} labels" in capsys.readouterr().out
+
+
 def test_a_new_model_or_template_is_asked_again(llm, run, tmp_path):
     server = llm()
     label_subcomponents(make_examples(), run, client_for(server), limit=2)
@@ -471,6 +498,11 @@ def test_cli_reads_examples_from_harvest_and_needs_out_for_bundled(llm, run, tmp
     assert "has no harvest" in one_line_error(capsys)
     assert main([*base, "--run", "bundled", "--harvest", str(run), "--out", str(tmp_path / "o")]) == 0
     assert labels_file(tmp_path / "o").is_file()
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    n = len(server.requests)
+    assert main([*base, "--run", str(run), "--out", str(tmp_path / "file")]) == 2
+    assert "Could not write into `--out`" in one_line_error(capsys) and len(server.requests) == n
 
 
 def _closed_port() -> int:

@@ -208,6 +208,10 @@ class ChatClient:
                 why = f"no reply within {self.timeout:g} s"
             except (ConnectionResetError, ConnectionAbortedError, http.client.HTTPException):
                 why = "connection dropped"
+            except OSError as err:  # e.g. a TLS failure while reading the reply
+                raise EndpointError(
+                    f"The request to {self.url} failed ({err}); check `--endpoint` and the connection."
+                ) from None
             if attempt >= self.retries:
                 raise RequestFailed(f"{why}, {attempt + 1} tries")
             if wait is None:

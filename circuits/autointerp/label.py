@@ -8,7 +8,8 @@ label of this template and model to `<out>/autointerp/labels.json` (also when th
 
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,7 @@ def label_subcomponents(
         raise VpdError(f"`--limit` must be at least 1; got {limit}.")
     template = template or load_template()
     folder = autointerp_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)  # an unwritable `out` fails here, before any request
     cache = LabelCache(folder / CACHE_FILE)
     tag = {"template_version": template.version, "template_sha": template.sha, "model": client.model}
     order = select_keys(examples, keys, limit)
@@ -147,52 +149,65 @@ def label_subcomponents(
         raw = reply.content if isinstance(reply.content, str) else ""
         return parse_label(reply.content, finish_reason=reply.finish_reason, refusal=reply.refusal), raw
 
+    # Daemon workers, so that an interrupted run exits at once instead of waiting out the requests in flight.
+    jobs: queue.Queue = queue.Queue()
+    replies: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            key, messages = job
+            try:
+                replies.put((key, ask(messages), None))
+            except BaseException as err:  # handed to the main thread, which decides
+                replies.put((key, None, err))
+
+    workers = [threading.Thread(target=work, name=f"autointerp-{i}", daemon=True) for i in range(concurrency)]
+    for worker in workers:
+        worker.start()
     bar = None  # shown from the first reply on, so that an unreachable endpoint prints its sentence alone
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="autointerp")
-    inflight: dict[Future, str] = {}
-    queue = iter(pending)
+    todo = iter(pending)
+    inflight = 0
     completed = False
     try:
         while True:
-            # Never more than `concurrency` submitted: the pool has no queue to drain when the run stops.
-            while len(inflight) < concurrency and (key := next(queue, None)) is not None:
+            # Never more than `concurrency` handed out, so nothing waits in a queue when the run stops.
+            while inflight < concurrency and (key := next(todo, None)) is not None:
                 card = examples.card(key, n_contexts=max_contexts, list_size=8)
                 assert card is not None, f"{key} was selected from the examples"
-                inflight[pool.submit(ask, render_messages(template, card, max_contexts=max_contexts))] = key
+                jobs.put((key, render_messages(template, card, max_contexts=max_contexts)))
+                inflight += 1
             if not inflight:
                 break
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            for future in done:
-                key = inflight.pop(future)
-                try:
-                    label, raw = future.result()
-                except ReplyRejected as err:
-                    if err.kind == "unclear":
-                        cache.append({"key": key, **tag, "unclear": True, "reply": err.reason})
-                        result.unclear += 1
-                    else:
-                        cache.append({"key": key, **tag, "error": err.reason})
-                        result.failed[key] = err.reason
-                except RequestFailed as err:
-                    cache.append({"key": key, **tag, "error": err.reason})
-                    result.failed[key] = err.reason
-                else:
-                    cache.append({"key": key, **tag, "label": label, "reply": raw[:500]})
-                    result.labelled += 1
-                if bar is None:
-                    bar = tqdm(
-                        total=len(order), initial=result.cached, desc="autointerp", unit="label", disable=not progress
-                    )
-                bar.update(1)
-                if result.failed:
-                    bar.set_postfix(failed=len(result.failed), refresh=False)
+            key, answer, error = replies.get()
+            inflight -= 1
+            if isinstance(error, ReplyRejected) and error.kind == "unclear":
+                cache.append({"key": key, **tag, "unclear": True, "reply": error.reason})
+                result.unclear += 1
+            elif isinstance(error, ReplyRejected | RequestFailed):
+                cache.append({"key": key, **tag, "error": error.reason})
+                result.failed[key] = error.reason
+            elif error is not None:
+                raise error
+            else:
+                label, raw = answer
+                cache.append({"key": key, **tag, "label": label, "reply": raw[:500]})
+                result.labelled += 1
+            if bar is None:
+                bar = tqdm(
+                    total=len(order), initial=result.cached, desc="autointerp", unit="label", disable=not progress
+                )
+            bar.update(1)
+            if result.failed:
+                bar.set_postfix(failed=len(result.failed), refresh=False)
         completed = True
     finally:
         if not completed:
-            client.stop.set()  # retry waits end now; requests in flight end within the timeout
-            for future in inflight:
-                future.cancel()
-        pool.shutdown(wait=completed, cancel_futures=True)
+            client.stop.set()  # retry waits end now; a request in flight ends with its reply or timeout
+        for _ in workers:
+            jobs.put(None)
+        if completed:
+            for worker in workers:
+                worker.join()
         if bar is not None:
             bar.close()
         cache.close()

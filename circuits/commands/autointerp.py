@@ -137,8 +137,10 @@ def _autointerp(args: argparse.Namespace) -> None:
             concurrency=args.concurrency,
             progress=not args.json,
         )
-    except PermissionError as err:
-        raise VpdError(f"Could not write into `--out` {str(out)!r} ({err.strerror}); pass a writable folder.") from None
+    except OSError as err:  # the client turns its own errors into one sentence; this is the folder
+        raise VpdError(
+            f"Could not write into `--out` {str(out)!r} ({err.strerror or err}); pass a writable folder."
+        ) from None
     summary = {"model": model, "endpoint": client.endpoint, "template_version": template.version, **result.summary()}
     if args.json:
         json.dump(summary, sys.stdout)
