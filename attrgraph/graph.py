@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from attrgraph.edge_table import EdgeTable
 from attrgraph.edges import attribute_edges
-from attrgraph.labels import label_for
+from attrgraph.labels import label_for, label_source
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
 from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError
@@ -102,6 +102,9 @@ def _node_attrs(
         attrs["is_target"] = node.index == target_id
     else:
         attrs["label"] = _label(node, token, labels)
+        found = label_for(labels, node) if labels else None
+        if found is not None:
+            attrs["label_source"] = label_source(found)  # stats, llm or user: the explorer marks which
     return attrs
 
 

@@ -67,25 +67,26 @@ def run_demo(
         out: Folder for the graph files; created if missing.
         run: The decomposition (`bundled` or a run folder of the bundled target).
         steps: Graph type → per-prompt optimisation steps (default `DEFAULT_STEPS`).
-        harvest: Run or harvest folder whose statistics fill the hover cards (default: the run's own
-            harvest when it has one; the bundled run ships labels only).
+        harvest: A run or `vpd harvest --out` folder whose examples fill the hover cards and dashboards, and
+            whose labels (offline or `vpd autointerp`) join the run's (default: the run's own; the bundled run
+            ships its examples).
 
     Returns:
         A JSON-serialisable dict: prompt, target, read-out position, and per graph type the four
         probabilities, the node count, graph and pruned-graph sizes and the written files.
     """
-    from attrgraph.harvest_format import harvest_meta_path
-    from attrgraph.labels import labels_for_run
+    from attrgraph.examples import card_source
+    from attrgraph.labels import labels_for_run, merge_labels
     from decomposer.vpd.load import load_run
     from decomposer.vpd.report import resolve_run
 
     start = time.perf_counter()
     steps = {**DEFAULT_STEPS, **(steps or {})}
-    d, tokenizer, _ = load_run(run)
     run_dir = resolve_run(run)
-    labels = labels_for_run(run_dir)
-    if harvest is None and harvest_meta_path(run_dir) is not None:
-        harvest = run_dir
+    given = harvest
+    harvest = card_source(run_dir, harvest)
+    d, tokenizer, _ = load_run(run)
+    labels = merge_labels(labels_for_run(run_dir), labels_for_run(given) if given is not None else {})
     target_pos = position_before(tokenizer, PROMPT, TARGET)
     graphs = {
         graph_type: _graph_for(

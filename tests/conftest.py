@@ -360,3 +360,19 @@ def finite_difference_edge(d, tokens: torch.Tensor, att, tgt: int, src: int, eps
 
     slope = (run(1.0) - run(-1.0)) / (2 * eps)
     return slope * float(att.activation[src] * att.ci[src]) if s.kind == "comp" else slope
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`vpd demo --json` run once per session: (its printed summary, its output folder)."""
+    import contextlib
+    import io
+    import json
+
+    from circuits.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--json", "--out", str(out)]) == 0
+    return json.loads(printed.getvalue()), out

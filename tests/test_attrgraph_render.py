@@ -338,9 +338,13 @@ def test_explorer_cards_come_from_the_harvest(graph, tmp_path):
     assert NASTY not in page
     cards = _page_data(page)["cards"]
     assert set(cards) == {"0.attn.o:3"}  # only subcomponents in the graph
-    card = cards["0.attn.o:3"]
-    assert card["inputs"] == [" Paris", NASTY] and card["outputs"] == [" France"] and card["density"] == 0.0123
-    assert card["examples"] == [{"text": [" in", " Paris", NASTY], "center": 1, "ci": 0.97}]
+    card, table = cards["0.attn.o:3"], _page_data(page)["card_tokens"]
+    assert card["inputs"] == [[" Paris", 0.9, None], [NASTY, None, None]] and card["density"] == 0.0123
+    assert card["outputs"] == [[" France", None]] and card["label"] == "fires on ' Paris' → writes ' France'"
+    # Contexts: token strings once in a table, CI in percent (a summary carries it at the firing token only).
+    [context] = card["contexts"]
+    assert [table[i] for i in context["t"]] == [" in", " Paris", NASTY]
+    assert context["c"] == 1 and context["ci"] == [0, 97, 0]
 
 
 def test_render_png_and_svg(graph, tmp_path):
@@ -398,7 +402,9 @@ def test_explorer_cards_from_a_harvest_folder(graph, tmp_path):
     }
     meta = {"format": "harvest", "format_version": 1, "vocab": ["a", NASTY, "b"], "components": {"0.attn.o:3": summary}}
     (tmp_path / "harvest.json").write_text(json.dumps(meta))
-    card = explorer_payload(graph, harvest=tmp_path)["cards"]["0.attn.o:3"]
-    assert card["inputs"] == ["b"] and card["examples"] == [{"text": ["a", "b"], "center": 1, "ci": None}]
-    with pytest.raises(VpdError, match=r"holds no harvest.json; run `vpd harvest"):
+    data = explorer_payload(graph, harvest=tmp_path)
+    card = data["cards"]["0.attn.o:3"]
+    assert card["inputs"] == [["b", None, None]]
+    assert [data["card_tokens"][i] for i in card["contexts"][0]["t"]] == ["a", "b"] and card["contexts"][0]["c"] == 1
+    with pytest.raises(VpdError, match=r"holds no examples/ folder and no harvest.json; run `vpd harvest"):
         render_html(graph, tmp_path / "g.html", harvest=tmp_path / "nothing")

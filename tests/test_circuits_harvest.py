@@ -598,6 +598,6 @@ def test_vpd_graph_hover_cards_come_from_the_runs_harvest(bundled_run, tmp_path,
     assert main([*args, "--out", str(tmp_path / "g")]) == 0
     html = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]["html"]).read_text()
     payload = json.loads(re.search(r'<script type="application/json" id="vpd-data">(.*?)</script>', html, re.S)[1])
-    assert payload["cards"] and any(card["examples"] for card in payload["cards"].values())
+    assert payload["cards"] and any(card["contexts"] for card in payload["cards"].values())
     assert main([*args, "--out", str(tmp_path / "h"), "--harvest", str(tmp_path / "none")]) == 2
     assert "`--harvest`" in one_line_error(capsys) and not (tmp_path / "h").exists()

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from attrgraph.export import load_graph_json
-from circuits.cli import main
 from decomposer.target.loading import load_target
 from decomposer.target.quality import token_probability
 
 pytestmark = pytest.mark.slow
 
 
-def test_demo_json_and_adversarial_beats_ci_only(tmp_path, capsys):
-    assert main(["demo", "--json", "--out", str(tmp_path)]) == 0
-    summary = json.loads(capsys.readouterr().out)
+def test_demo_json_and_adversarial_beats_ci_only(demo_run):
+    summary, tmp_path = demo_run
     adv, ci = summary["graphs"]["adversarial"], summary["graphs"]["ci"]
 
     model, tokenizer = load_target("bundled")

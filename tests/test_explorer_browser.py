@@ -197,9 +197,94 @@ def test_hover_card_shows_an_activating_example(browser, tmp_path):
     assert card[0] == "block"
     assert "0.mlp.down:0" in card[1] and "Top activating examples" in card[1] and "0.004" in card[1]
     assert card[2] == ["\u2423crown"]  # the firing token highlighted, its space made visible
-    assert "\u2423jewel" in card[1] and XSS_IMG.replace(" ", "\u2423") in card[1]
+    assert XSS_IMG.replace(" ", "\u2423") in card[1] and "stats" in card[1]  # the label's kind is marked
     assert browser.execute_script("return window.__pwned") is None
     assert _errors(browser) == []
+
+
+def test_click_shows_the_dashboard_and_the_link_keeps_it(browser, tmp_path):
+    G = explorer_graph()
+    node = f"comp/{_module(0, 'mlp', 'down')}/0@2"
+    G.nodes[node]["label_source"] = "llm"
+    G.nodes[node]["label"] = f"0.mlp.down:0 the crown {XSS_SCRIPT}"
+    cards = {
+        "0.mlp.down:0": {
+            **HARVEST["0.mlp.down:0"],
+            "input_precision": [{"id": 1, "token": " crown", "precision": 0.9, "recall": 0.5}],
+            "cofiring": [{"key": "0.mlp.up:1", "jaccard": 0.4}, {"key": "3.mlp.up:9", "jaccard": 0.2}],
+            "top_examples": [
+                {"tokens": [4, 1, 5], "center": 1, "ci": 0.99, "text": [" the", " crown", XSS_IMG]},
+                {"tokens": [1, 4], "center": 0, "ci": 0.5, "ci_window": [0.5, 0.25], "text": [" crown", " the"]},
+            ],
+        }
+    }
+    _open(browser, render_html(G, tmp_path / "g.html", harvest=cards))
+    _click_node(browser, node)
+
+    def dashboard():
+        return browser.execute_script(
+            "var p = document.getElementById('vpd-selected');"
+            "return {text: p.textContent, heads: Array.from(p.querySelectorAll('h3')).map(h => h.textContent),"
+            " marks: Array.from(p.querySelectorAll('.dash mark')).map(m => m.textContent),"
+            " shade: Array.from(p.querySelectorAll('.dash .ex'))[1].children[1].style.background,"
+            " badges: Array.from(p.querySelectorAll('.src')).map(b => b.textContent)}"
+        )
+
+    got = dashboard()
+    assert "Top activating contexts (2, CI shaded)" in got["heads"] and "Co-fires with (Jaccard)" in got["heads"]
+    assert got["marks"] == ["\u2423crown", "\u2423crown"]
+    assert got["shade"].startswith("rgba(245, 158, 11")  # a non-firing token with CI 0.25 is shaded
+    assert got["badges"] == ["LLM", "stats"]  # the LLM label, with the offline one beneath it
+    assert "Fires on" in got["text"] and "90.0" in got["text"] and "\u2423jewel" in got["text"]
+    assert f"the crown {XSS_SCRIPT}" in got["text"]
+    # A partner in the graph is a link to it; one outside the graph is marked as such.
+    items = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#vpd-selected .dash li')).map(li => [li.textContent, li.title])"
+    )
+    assert [title for _, title in items] == ["in this graph: click to select", "not in this graph"]
+    url = browser.current_url
+    browser.get("about:blank")
+    _open_url(browser, url)
+    assert dashboard()["heads"] == got["heads"]  # the selection, and so its dashboard, live in the link
+    # A q node lists the keys it pairs with.
+    q = f"comp/{_module(0, 'self_attn', 'q')}/0@4"
+    _click_node(browser, q)
+    text = browser.execute_script("return document.getElementById('vpd-selected').textContent")
+    assert "Keys it pairs with (q/k strength)" in text and "0.attn.k:1 @1" in text
+    assert browser.execute_script("return window.__pwned") is None
+    assert _errors(browser) == []
+
+
+def test_demo_pages_show_examples_and_dashboards(browser, demo_run, tmp_path):
+    """The `vpd demo` pages with no flag: ≥ 80% of subcomponent nodes have examples on hover and a dashboard."""
+    summary, out = demo_run
+    for graph_type, g in summary["graphs"].items():
+        _open(browser, out / Path(g["files"]["html"]).name)
+        counts = browser.execute_script(
+            "var ids = network.body.data.nodes.getIds().filter(id => id.indexOf('comp/') === 0), hover = 0, dash = 0;"
+            "ids.forEach(function (id) {"
+            "  var card = vpdExplorer.hoverCard(id);"
+            "  if (card.querySelectorAll('.ex mark').length >= 2) { hover++; }"
+            "  vpdExplorer.select(id);"
+            "  var p = document.getElementById('vpd-selected');"
+            "  if (p.querySelectorAll('.dash .ex').length >= 8 && p.querySelector('.dash-t')) { dash++; }"
+            "});"
+            "vpdExplorer.select(null);"
+            "return [ids.length, hover, dash];"
+        )
+        n, hover, dash = counts
+        assert n > 0 and hover >= 0.8 * n and dash >= 0.8 * n, (graph_type, counts)
+        # And as a person does it: hover one node with the mouse, then click it.
+        node = browser.execute_script(
+            "return network.body.data.nodes.getIds().filter(id => id.indexOf('comp/') === 0"
+            " && vpdExplorer.hoverCard(id).querySelectorAll('.ex mark').length)[0]"
+        )
+        _click_node(browser, node, hover_only=True)
+        assert browser.execute_script("return document.querySelectorAll('#vpd-card .ex mark').length") >= 2
+        _click_node(browser, node)
+        assert browser.execute_script("return document.querySelectorAll('#vpd-selected .dash .ex').length") >= 8
+        browser.save_screenshot(str(tmp_path / f"demo-{graph_type}.png"))
+        assert _errors(browser) == []
 
 
 def test_click_lists_inputs_and_outputs(browser, tmp_path):

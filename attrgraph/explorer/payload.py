@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from attrgraph.labels import component_key, harvest_meta_path, read_harvest_meta
+from attrgraph.examples import cards_for
+from attrgraph.labels import component_key
 from decomposer.errors import VpdError
 
 PAYLOAD_VERSION = 1
@@ -23,6 +23,7 @@ ROW_HEIGHT = 64.0  # graph units between row centres
 NODE_GAP = 20.0  # graph units between neighbours in one cell
 MIN_COLUMN = 96.0  # a column never narrower than this, so a token fits under it
 MAX_DRAWN_EDGES = 2000  # edges the first view draws at most
+CONTEXTS_PER_CARD = 10  # activating contexts a node's dashboard shows
 
 # Matrix order inside a block, bottom to top, as the residual stream meets them.
 SUBLAYER_ORDER = {"q": 0, "k": 1, "v": 2, "qkv": 3, "o": 4, "gate": 5, "up": 6, "down": 7}
@@ -103,74 +104,74 @@ def _rank(a: Mapping[str, Any], influence: float) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def _card(
-    summary: Mapping[str, Any], vocab: list[str] | None = None, n_tokens: int = 5, n_examples: int = 3
-) -> dict[str, Any]:
-    """The parts of a harvest summary a hover card shows; example token ids decode through `vocab`."""
+def _scored(entries: list[Mapping[str, Any]], *scores: str) -> list[list[Any]]:
+    """[[token, score, …], …] of a card's token list, scores rounded for the page."""
+    return [[str(e.get("token")), *(_round(e.get(s)) for s in scores)] for e in entries]
 
-    def decode(t: Any) -> str:
-        return vocab[t] if vocab and isinstance(t, int) and 0 <= t < len(vocab) else f"#{t}"
 
-    def tokens(key: str) -> list[str]:
-        return [
-            str(t.get("token") if t.get("token") is not None else f"#{t.get('id')}") for t in summary.get(key) or []
-        ]
+def _round(x: Any, digits: int = 3) -> float | None:
+    x = _finite(x, math.nan)
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else None
 
-    examples = []
-    for e in (summary.get("top_examples") or [])[:n_examples]:
-        text = e.get("text") or [decode(t) for t in e.get("tokens", [])]
-        examples.append({"text": [str(t) for t in text], "center": int(e.get("center", 0)), "ci": e.get("ci")})
+
+class _TokenTable:
+    """Context tokens as indices into one table: each string is written once however many contexts hold it."""
+
+    def __init__(self) -> None:
+        self.strings: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        i = self._index.get(text)
+        if i is None:
+            i = self._index[text] = len(self.strings)
+            self.strings.append(text)
+        return i
+
+
+def _compact_card(card: Mapping[str, Any], table: _TokenTable, n_contexts: int) -> dict[str, Any]:
+    """The parts of a card the hover card and the dashboard show, in the page's compact form."""
+    contexts = []
+    for ctx in (card.get("contexts") or [])[:n_contexts]:
+        text = [str(t) for t in ctx.get("text") or []]
+        ci = [max(0, min(100, round(100 * _finite(x)))) for x in ctx.get("ci") or [0.0] * len(text)]
+        contexts.append({"t": [table(t) for t in text], "c": int(ctx.get("center", 0)), "ci": ci})
     return {
-        "density": summary.get("density"),
-        "inputs": tokens("input_precision" if summary.get("input_precision") else "input_pmi")[:n_tokens],
-        "outputs": tokens("output")[:n_tokens],
-        "examples": examples,
-        "label": summary.get("label") or "",
+        "density": _round(card.get("density"), 4),
+        "firing_count": card.get("firing_count"),
+        "n_tokens": card.get("n_tokens"),
+        "inputs": _scored(card.get("inputs") or [], "precision", "recall"),
+        "outputs": _scored(card.get("outputs") or [], "pmi"),
+        "outputs_bottom": _scored(card.get("outputs_bottom") or [], "pmi"),
+        "promotes": _scored(card.get("promotes") or [], "logit"),
+        "suppresses": _scored(card.get("suppresses") or [], "logit"),
+        "words": [[str(w), _round(share)] for w, share in card.get("words") or []],
+        "cofiring": [
+            [str(e.get("key")), _round(e.get("jaccard")), str(e.get("label") or "")] for e in card.get("cofiring") or []
+        ],
+        "contexts": contexts,
+        "label": str(card.get("label") or ""),
     }
 
 
-def _harvest_source(harvest: Any) -> tuple[Any, list[str] | None]:
-    """(summaries, vocab) from a mapping, a `Harvest`, or a run or harvest folder's `harvest.json`."""
-    if not isinstance(harvest, str | Path):
-        return harvest, None
-    path = harvest_meta_path(harvest)
-    if path is None:
-        raise VpdError(
-            f"`harvest` {str(harvest)!r} holds no harvest.json; run `vpd harvest --run RUN` first, or pass a "
-            "mapping of component key → summary."
-        )
-    meta = read_harvest_meta(path)
-    vocab = meta.get("vocab")
-    return meta.get("components", {}), [str(v) for v in vocab] if isinstance(vocab, list) else None
-
-
-def _summary_of(harvest: Any, key: str) -> Mapping[str, Any] | None:
-    if harvest is None:
-        return None
-    if isinstance(harvest, Mapping):
-        return harvest.get(key)
-    try:  # a circuits.harvest_stats.Harvest: decoded example text comes with `text=True`
-        return harvest.summary(harvest.flat_index(key), text=True)
-    except VpdError:
-        return None
-
-
-def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> dict[str, Any]:
+def explorer_payload(
+    G: nx.DiGraph, *, harvest: Any = None, title: str = "", n_contexts: int = CONTEXTS_PER_CARD
+) -> dict[str, Any]:
     """Everything the explorer page needs, as one JSON-ready dict.
 
     Long because the layout is one pass: rows, column widths, node positions and cards depend on each other.
 
     Args:
         G: A pruned attribution graph (see `attrgraph.export`); it is not modified.
-        harvest: Optional per-subcomponent statistics for hover cards: a run or harvest folder
-            (its `harvest.json`), a mapping of component key → harvest summary, or a
-            `circuits.harvest_stats.Harvest`.
+        harvest: Optional per-subcomponent examples and statistics for the hover cards and dashboards,
+            anything `attrgraph.examples.cards_for` reads: a run folder or `vpd harvest --out` folder (its
+            `examples/`, else its `harvest.json`), a `ComponentExamples`, or a mapping of component key → card.
         title: The page title.
+        n_contexts: Activating contexts kept per card.
 
     Raises:
         VpdError: If a node lacks `kind` or `pos`, or the graph has a cycle.
     """
-    harvest, vocab = _harvest_source(harvest)
     for n, a in G.nodes(data=True):
         for name in ("kind", "pos"):
             if name not in a:
@@ -211,15 +212,18 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
             x[n] = left + i * NODE_GAP
     top = len(row_order) - 1
 
-    nodes, cards = [], {}
+    keys = {
+        n: component_key(str(a["module"]), int(a["index"]))
+        for n, a in G.nodes(data=True)
+        if a["kind"] == "comp" and a.get("module") is not None and a.get("index") is not None
+    }
+    table = _TokenTable()
+    found = cards_for(harvest, list(keys.values()), n_contexts=n_contexts)
+    cards = {key: _compact_card(card, table, n_contexts) for key, card in found.items()}
+    nodes = []
     for n in ids:
         a = G.nodes[n]
-        key = None
-        if a["kind"] == "comp" and a.get("module") is not None and a.get("index") is not None:
-            key = component_key(str(a["module"]), int(a["index"]))
-            summary = _summary_of(harvest, key)
-            if summary is not None and key not in cards:
-                cards[key] = _card(summary, vocab)
+        key = keys.get(n)
         r = row_index[row_key[n]]
         nodes.append(
             {
@@ -274,6 +278,7 @@ def explorer_payload(G: nx.DiGraph, *, harvest: Any = None, title: str = "") -> 
         "qk": qk,
         "edge_threshold": edge_threshold,
         "cards": cards,
+        "card_tokens": table.strings,
         "report": graph_attrs.get("report") or {},
         "target_token": graph_attrs.get("target_token"),
         "graph": graph_attrs,

@@ -20,21 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--harvest",
         default=None,
-        help="run or harvest folder for the hover cards' examples, e.g. from `vpd harvest --run bundled --out DIR`",
+        help="folder whose examples/ and labels override the bundled run's, e.g. `vpd harvest --run bundled --out DIR`",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from attrgraph.harvest_format import harvest_meta_path
     from circuits.demo import format_summary, run_demo
-    from decomposer.errors import VpdError
-
-    if args.harvest is not None and harvest_meta_path(args.harvest) is None:
-        raise VpdError(
-            f"`--harvest` {args.harvest!r} holds no harvest.json; run `vpd harvest --run bundled --out DIR` first."
-        )
 
     steps = {"adversarial": args.steps, "ci": args.steps} if args.steps else None
     summary = run_demo(args.out, steps=steps, harvest=args.harvest)

@@ -58,7 +58,7 @@ def _max_nodes(text: str) -> int | str | None:
 
 
 def _graph(args: argparse.Namespace) -> None:
-    from attrgraph.harvest_format import harvest_meta_path
+    from attrgraph.examples import card_source
     from attrgraph.labels import labels_for_run, merge_labels, read_label_file
     from attrgraph.pipeline import attribute_prompt
     from attrgraph.settings import graph_settings
@@ -83,14 +83,12 @@ def _graph(args: argparse.Namespace) -> None:
     if args.optimize != "none" and args.target is None:
         raise VpdError("`--target` is required with `--optimize`: name the token to explain, e.g. ' her'.")
     user_labels = read_label_file(args.labels) if args.labels else {}  # fail on a bad file before any work
-    if args.harvest is not None and harvest_meta_path(args.harvest) is None:
-        raise VpdError(
-            f"`--harvest` {args.harvest!r} holds no harvest.json; run `vpd harvest --run RUN` first, or leave it out."
-        )
-    d, tokenizer, _ = load_run(args.run)
     run_dir = resolve_run(args.run)
-    labels = merge_labels(labels_for_run(run_dir), user_labels)
-    harvest = args.harvest or (run_dir if harvest_meta_path(run_dir) is not None else None)
+    harvest = card_source(run_dir, args.harvest)  # checks --harvest before any work
+    d, tokenizer, _ = load_run(args.run)
+    # The run's labels, then those beside a --harvest folder (e.g. its autointerp labels), then --labels.
+    extra = labels_for_run(harvest) if args.harvest is not None else {}
+    labels = merge_labels(labels_for_run(run_dir), extra, user_labels)
     graph = attribute_prompt(
         d,
         tokenizer,

@@ -1,4 +1,4 @@
-"""`vpd harvest`: component statistics over held-out text (rates, tokens, examples), saved under the run."""
+"""`vpd harvest`: component statistics over held-out text, saved under the run as `harvest/` and `examples/`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def _harvest(args: argparse.Namespace) -> None:
     import torch
 
     from circuits.harvest import harvest, save_harvest
+    from circuits.harvest_examples import examples_from_harvest
     from decomposer.errors import VpdError
     from decomposer.vpd.batches import run_heldout_windows
     from decomposer.vpd.distributed import torchrun_group
@@ -67,6 +68,10 @@ def _harvest(args: argparse.Namespace) -> None:
         return
     try:
         folder = save_harvest(h, out, progress=True)
+        command = f"vpd harvest --run {args.run} --tokens {args.tokens} --tau {args.tau}"
+        made = {"run": str(args.run), "command": command}
+        ex = examples_from_harvest(h, d, made=made)
+        examples = ex.save(out)
     except OSError as err:
         raise VpdError(
             f"Could not write the harvest into `--out` {str(out)!r} ({err.strerror}); pass a writable folder."
@@ -83,6 +88,7 @@ def _harvest(args: argparse.Namespace) -> None:
         "C_total": h.C_total,
         "densest": [{"key": h.key(f), "density": float(h.density[f]), "mean_ci": float(h.mean_ci[f])} for f in densest],
         "folder": str(folder),
+        "examples": str(examples),
     }
     if args.json:
         json.dump(summary, sys.stdout)
@@ -97,6 +103,6 @@ def _harvest(args: argparse.Namespace) -> None:
     print(f"alive at CI > {h.tau_fire}: {len(h.alive):,} of {h.C_total:,} subcomponents")
     print("densest subcomponents:")
     for row in summary["densest"]:
-        label = h.summary(h.flat_index(row["key"]))["label"]
+        label = ex.labels.get(row["key"], "")
         print(f"  {row['key']:<18} density {row['density']:.4f}  mean CI {row['mean_ci']:.4f}  {label}")
-    print(f"wrote {folder}")
+    print(f"wrote {folder} and {examples} (what the explorer, `vpd graph` and `vpd autointerp` read)")

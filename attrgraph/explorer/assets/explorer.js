@@ -394,7 +394,7 @@
     }
     var i = indexOf[state.sel], n = N[i];
     selPane.appendChild(el("h3", nodeName(n)));
-    selPane.appendChild(cardBody(n));
+    selPane.appendChild(dashboard(n));
     selPane.appendChild(edgeList("Inputs", inE[i].filter(function (k) { return nodeOn[E[k][0]]; }), 0));
     selPane.appendChild(edgeList("Outputs", outE[i].filter(function (k) { return nodeOn[E[k][1]]; }), 1));
     var pairs = D.qk.filter(function (p) { return p.o === i; });
@@ -409,48 +409,163 @@
       selPane.appendChild(ul);
     }
   }
-  function cardBody(n) {
-    var a = n.attrs, box = el("div");
-    var t = el("table");
+  // ---- subcomponent cards: a short one on hover, the dashboard of the selected node -----------
+  var SOURCE_NAME = {stats: "offline label from statistics", llm: "LLM label (vpd autointerp)", user: "user label"};
+  var CTOK = D.card_tokens || [];
+  function sourceBadge(src) {
+    var b = el("span", src === "llm" ? "LLM" : src === "user" ? "user" : "stats", "src src-" + (src || "stats"));
+    b.title = SOURCE_NAME[src] || SOURCE_NAME.stats;
+    return b;
+  }
+  function labelLine(n, card) {
+    var a = n.attrs, line = el("div", null, "lbl");
+    var own = String(a.label || "").replace(/^\S+:\d+(:\d+)?(@\d+)?\s*/, "");
+    var src = a.label_source || (card && card.label ? "stats" : null);
+    if (!own && card && card.label) { own = card.label; }
+    if (!own) { return null; }
+    if (src) { line.appendChild(sourceBadge(src)); }
+    line.appendChild(el("span", " " + own));
+    return line;
+  }
+  // One context: tokens shaded by their CI, the firing token marked; `around` limits the tokens either side.
+  function contextLine(ctx, around) {
+    var d = el("div", null, "ex");
+    ctx.t.forEach(function (ti, j) {
+      if (around !== undefined && Math.abs(j - ctx.c) > around) { return; }
+      var tok = el(j === ctx.c ? "mark" : "span", showTok(CTOK[ti] !== undefined ? CTOK[ti] : "?"));
+      var ci = ctx.ci[j] || 0;
+      if (ci > 0 && j !== ctx.c) { tok.style.background = "rgba(245,158,11," + (0.12 + 0.6 * ci / 100).toFixed(2) + ")"; }
+      tok.title = "CI " + (ci / 100).toFixed(2);
+      d.appendChild(tok);
+    });
+    return d;
+  }
+  function tokenTable(title, rows, heads) {
+    if (!rows || !rows.length) { return null; }
+    var box = el("div", null, "dash-col");
+    box.appendChild(el("div", title, "dash-h"));
+    var t = el("table", null, "dash-t"), tr = el("tr");
+    ["token"].concat(heads).forEach(function (h) { tr.appendChild(el("th", h)); });
+    t.appendChild(tr);
+    rows.forEach(function (r) {
+      var row = el("tr");
+      var td = el("td"); td.appendChild(el("span", showTok(r[0]), "tok")); row.appendChild(td);
+      heads.forEach(function (h, j) {
+        var v = r[j + 1];
+        row.appendChild(el("td", v === null || v === undefined ? "" : h.indexOf("%") >= 0 ? (100 * v).toFixed(1) : fmt(v)));
+      });
+      t.appendChild(row);
+    });
+    box.appendChild(t);
+    return box;
+  }
+  function facts(n) {
+    var a = n.attrs, t = el("table", null, "facts");
     function row(k, v) {
       if (v === undefined || v === null || v === "") { return; }
       var tr = el("tr"); tr.appendChild(el("td", k)); tr.appendChild(el("td", v)); t.appendChild(tr);
     }
-    function chips(k, toks) {
-      if (!toks.length) { return; }
-      var tr = el("tr"), td = el("td");
-      tr.appendChild(el("td", k));
-      toks.forEach(function (t) { td.appendChild(el("span", showTok(t), "tok")); td.appendChild(document.createTextNode(" ")); });
-      tr.appendChild(td); t.appendChild(tr);
-    }
-    var card = n.key ? D.cards[n.key] : null;
     row("key", n.key || n.id);
-    row("block", a.block);
     row("matrix", rowName[n.row]);
-    row("index", a.index);
     row("position", a.pos + "  " + showTok(a.token !== undefined ? a.token : (D.tokens[a.pos] || "")));
-    row("CI", fmt(a.ci));
+    if (n.kind === "logit") { row("probability", fmt(a.prob)); }
+    row("CI here", fmt(a.ci));
     row("activation", fmt(a.activation));
     row("influence", fmt(n.inf));
-    if (n.kind === "logit") { row("probability", fmt(a.prob)); }
-    row("label", a.label);
+    var card = n.key ? D.cards[n.key] : null;
     if (card) {
-      row("density", fmt(card.density));
-      chips("fires on", card.inputs);
-      chips("writes", card.outputs);
+      row("density", fmt(card.density) + (card.n_tokens ? "  (" + (card.firing_count || 0) + " firings in " +
+        card.n_tokens + " tokens)" : ""));
     }
-    box.appendChild(t);
-    if (card && card.examples.length) {
+    if (n.kind !== "comp") { row("label", a.label); }
+    return t;
+  }
+  function hoverCard(n) {
+    var box = el("div"), card = n.key ? D.cards[n.key] : null;
+    var line = n.kind === "comp" ? labelLine(n, card) : null;
+    if (line) { box.appendChild(line); }
+    box.appendChild(facts(n));
+    if (card && card.contexts.length) {
       box.appendChild(el("div", "Top activating examples", "muted"));
-      card.examples.forEach(function (ex) {
-        var d = el("div", null, "ex");
-        // Eight tokens either side of the firing token are enough context for a card.
-        ex.text.forEach(function (tok, j) {
-          if (Math.abs(j - ex.center) <= 8) { d.appendChild(el(j === ex.center ? "mark" : "span", showTok(tok))); }
+      card.contexts.slice(0, 3).forEach(function (ctx) { box.appendChild(contextLine(ctx, 8)); });
+    } else if (n.kind === "comp") {
+      box.appendChild(el("div", "No examples: run `vpd harvest` for this run.", "muted"));
+    }
+    return box;
+  }
+  // Partners of a q or k node among the graph's q/k pairs, strongest first, one line per partner node.
+  function qkPartners(i) {
+    var n = N[i], mine = n.sub === "q" ? "q" : n.sub === "k" ? "k" : null;
+    if (!mine) { return []; }
+    var other = mine === "q" ? "k" : "q", best = {};
+    D.qk.forEach(function (p) {
+      if (p[mine] !== i) { return; }
+      var id = p[other] !== null && p[other] !== undefined ? N[p[other]].id : p[other + "_label"];
+      if (!best[id] || Math.abs(p.strength) > Math.abs(best[id].strength)) {
+        best[id] = {id: id, strength: p.strength, inGraph: p[other] !== null && p[other] !== undefined};
+      }
+    });
+    return Object.keys(best).map(function (k) { return best[k]; })
+      .sort(function (a, b) { return Math.abs(b.strength) - Math.abs(a.strength); });
+  }
+  function dashboard(n) {
+    var i = indexOf[n.id], box = el("div", null, "dash"), card = n.key ? D.cards[n.key] : null;
+    var line = n.kind === "comp" ? labelLine(n, card) : null;
+    if (line) { box.appendChild(line); }
+    if (card && card.label && n.attrs.label_source && n.attrs.label_source !== "stats") {
+      var alt = el("div", null, "lbl muted");
+      alt.appendChild(sourceBadge("stats")); alt.appendChild(el("span", " " + card.label));
+      box.appendChild(alt);
+    }
+    box.appendChild(facts(n));
+    if (card) {
+      if (card.contexts.length) {
+        box.appendChild(el("h3", "Top activating contexts (" + card.contexts.length + ", CI shaded)"));
+        card.contexts.forEach(function (ctx) { box.appendChild(contextLine(ctx)); });
+      }
+      var cols = el("div", null, "dash-cols");
+      [tokenTable("Fires on", card.inputs, ["prec %", "recall %"]),
+        tokenTable("Next tokens, more likely", card.outputs, ["PMI"]),
+        tokenTable("Next tokens, less likely", card.outputs_bottom.slice(0, 5), ["PMI"]),
+        tokenTable("Write direction promotes", card.promotes.slice(0, 5), ["logit"]),
+        tokenTable("Write direction suppresses", card.suppresses.slice(0, 5), ["logit"])
+      ].forEach(function (t) { if (t) { cols.appendChild(t); } });
+      box.appendChild(cols);
+      if (card.words.length) {
+        var w = el("div", null, "words");
+        w.appendChild(el("span", "Inside words: ", "muted"));
+        card.words.forEach(function (x) { w.appendChild(el("span", x[0] + " " + Math.round(100 * x[1]) + "%", "tok")); });
+        box.appendChild(w);
+      }
+      if (card.cofiring.length) {
+        box.appendChild(el("h3", "Co-fires with (Jaccard)"));
+        var ul = el("ul");
+        card.cofiring.forEach(function (c) {
+          var li = el("li");
+          li.appendChild(el("span", fmt(c[1]), "w"));
+          li.appendChild(el("span", c[0] + (c[2] ? "  " + c[2] : ""), "name"));
+          var there = N.filter(function (m) { return m.key === c[0]; })[0];
+          if (there) { li.addEventListener("click", function () { select(there.id, true); }); } else { li.className = "off"; }
+          li.title = there ? "in this graph: click to select" : "not in this graph";
+          ul.appendChild(li);
         });
-        d.appendChild(el("span", "  CI " + fmt(ex.ci), "muted"));
-        box.appendChild(d);
+        box.appendChild(ul);
+      }
+    } else if (n.kind === "comp") {
+      box.appendChild(el("div", "No examples for this subcomponent: run `vpd harvest` for this run.", "muted"));
+    }
+    var partners = qkPartners(i);
+    if (partners.length) {
+      box.appendChild(el("h3", (n.sub === "q" ? "Keys" : "Queries") + " it pairs with (q/k strength)"));
+      var pl = el("ul");
+      partners.forEach(function (p) {
+        var li = el("li");
+        li.appendChild(el("span", fmt(p.strength), "w"));
+        li.appendChild(el("span", p.inGraph ? nodeName(N[indexOf[p.id]]) + "  " + shortLabel(N[indexOf[p.id]]) : p.id + " (not in graph)", "name"));
+        if (p.inGraph) { li.addEventListener("click", function () { select(p.id, true); }); }
+        pl.appendChild(li);
       });
+      box.appendChild(pl);
     }
     return box;
   }
@@ -460,7 +575,7 @@
     var n = N[indexOf[p.node]];
     cardEl.textContent = "";
     cardEl.appendChild(el("b", nodeName(n)));
-    cardEl.appendChild(cardBody(n));
+    cardEl.appendChild(hoverCard(n));
     cardEl.style.display = "block";
     var r = container.getBoundingClientRect();
     var x = r.left + p.pointer.DOM.x + 16, y = r.top + p.pointer.DOM.y + 12;
@@ -716,5 +831,6 @@
   renderSelected(); renderPinned();
   home();
   window.vpdExplorer = {exportJSON: exportJSON, exportSVG: exportSVG, state: state, select: select, togglePin: togglePin,
-    group: group, home: home, nodeCount: function () { return +counts.getAttribute("data-nodes"); }};
+    group: group, home: home, nodeCount: function () { return +counts.getAttribute("data-nodes"); },
+    hoverCard: function (id) { return hoverCard(N[indexOf[id]]); }};
 })();
