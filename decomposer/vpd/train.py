@@ -237,6 +237,10 @@ def decompose(
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     d.model.to(device)
     d.ci_fn.to(device)
+    if not shard:  # sharded state is split over the ranks; the estimate is of one whole copy
+        from decomposer.vpd.memory import check_training_memory
+
+        check_training_memory(d, max(n_ref // world, 1), device=str(device))
     if shard:
         shard_decomposition(d)
         if resume:
