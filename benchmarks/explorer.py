@@ -1,6 +1,6 @@
 """Size and speed of the graph explorer in headless Chromium (Debian chromium + chromium-driver).
 
-    python benchmarks/explorer.py [--nodes 1000] [--tokens 256] [--edges 10000] [--demo-dir vpd-demo]
+    python benchmarks/explorer.py [--nodes 1000] [--tokens 256] [--edges 10000] [--demo-dir vpd-demo] [--cards]
 
 Builds a pruned-graph-shaped graph (the bundled model's 2 blocks × 7 matrices, nodes crowding
 towards the target's end as influence pruning leaves them, edges from lower rows at the same or
@@ -12,7 +12,8 @@ earlier positions), writes it with `render_html` and measures, on a fresh page e
 - click, all edges: the same with every edge drawn (the first view draws the strongest 2,000);
 
 and the size of the demo's HTML files (bound 2 MB) when `--demo-dir` holds them (`vpd demo --out DIR`).
-Prints the median of each and its ratio to the bound.
+With `--cards`, every subcomponent node gets its card (contexts, token lists, partners) from the bundled run's
+examples, so a click also builds the node's dashboard. Prints the median of each and its ratio to the bound.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edges", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--demo-dir", default="vpd-demo")
+    parser.add_argument("--cards", action="store_true", help="cards from the bundled run's examples on every node")
     args = parser.parse_args(argv)
 
     demo = sorted(Path(args.demo_dir).glob("*.html"))
@@ -156,11 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     G = synthetic_graph(args.nodes, args.tokens, args.edges)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        path = render_html(G, Path(tmp) / "graph.html", max_edges=max(args.edges, 20_000))
+        harvest = None
+        if args.cards:
+            from decomposer.vpd.bundle import bundled_run_path
+
+            harvest = bundled_run_path()
+        path = render_html(G, Path(tmp) / "graph.html", max_edges=max(args.edges, 20_000), harvest=harvest)
         write_s = time.perf_counter() - t
         print(
             f"graph: {G.number_of_nodes():,} nodes, {G.number_of_edges():,} edges, {args.tokens} tokens; "
             f"HTML {path.stat().st_size / 1e6:.2f} MB written in {write_s:.2f} s"
+            + (" (with the bundled run's cards)" if args.cards else "")
         )
         driver = browser()
         try:
