@@ -408,3 +408,39 @@ def test_explorer_cards_from_a_harvest_folder(graph, tmp_path):
     assert [data["card_tokens"][i] for i in card["contexts"][0]["t"]] == ["a", "b"] and card["contexts"][0]["c"] == 1
     with pytest.raises(VpdError, match=r"holds no examples/ folder and no harvest.json; run `vpd harvest"):
         render_html(graph, tmp_path / "g.html", harvest=tmp_path / "nothing")
+
+
+def _deep_graph(n_blocks: int, matrices: tuple[str, ...]) -> nx.DiGraph:
+    """One node per matrix of every block at position 1, chained upwards, over two positions."""
+    G = nx.DiGraph(prompt="a b", prompt_tokens=["a", " b"], target_pos=1, target_token=" c")
+    G.add_node("emb@1", **_node("emb", 1, 0, "emb:1"), influence=1.0)
+    below = "emb@1"
+    for b in range(n_blocks):
+        for short in matrices:
+            part, proj = ("mlp", "mlp") if short in ("gate", "up", "gate_up", "down") else ("attn", "self_attn")
+            module = f"model.layers.{b}.{proj}.{short}_proj"
+            node = f"comp/{module}/0@1"
+            attrs = _node("comp", 1, 0, f"{b}.{part}.{short}:0", module=module, block=b, sublayer=short, index=0)
+            G.add_node(node, **attrs, influence=0.5)
+            G.add_edge(below, node, weight=1.0, cross_position=False)
+            below = node
+    return G
+
+
+def test_deep_models_open_with_one_row_per_block():
+    from attrgraph.explorer.payload import MAX_MATRIX_ROWS
+
+    matrices = ("q", "k", "v", "o", "gate", "up", "down")
+    deep = explorer_payload(_deep_graph(30, matrices))
+    assert len(deep["layouts"]["matrix"]["rows"]) == 30 * 7 + 1 > MAX_MATRIX_ROWS
+    assert deep["layout"] == "block" and deep["rows"] == ["Emb", *(f"L{b}" for b in range(30))]
+    # Inside a block's cell the matrices sit left to right in the order the residual stream meets them.
+    xs = {n["attrs"]["sublayer"]: n["x"] for n in deep["nodes"] if n["attrs"].get("block") == 7}
+    assert sorted(xs, key=xs.get) == list(matrices)
+    assert all(n["row"] == deep["layouts"]["block"]["at"][i][2] for i, n in enumerate(deep["nodes"]))
+    shallow = explorer_payload(_deep_graph(4, matrices))
+    assert shallow["layout"] == "matrix" and shallow["rows"][:3] == ["Emb", "L0 attn q", "L0 attn k"]
+    # A fused gate_up matrix (Phi-3) sits between up and down, not after every other row.
+    fused = explorer_payload(_deep_graph(2, ("q", "o", "gate_up", "down")))
+    assert fused["rows"] == ["Emb", "L0 attn q", "L0 attn o", "L0 mlp gate_up", "L0 mlp down", *fused["rows"][5:]]
+    assert fused["rows"][5:] == ["L1 attn q", "L1 attn o", "L1 mlp gate_up", "L1 mlp down"]

@@ -393,3 +393,30 @@ def test_svg_export_and_long_prompt_view(browser, tmp_path):
     png = browser.execute_script("return document.querySelector('#vpd-graph canvas').toDataURL('image/png')")
     assert png.startswith("data:image/png;base64,") and len(png) > 10_000  # the PNG export's source
     assert _errors(browser) == []
+
+
+def test_a_30_block_graph_opens_in_block_rows_and_expands(browser, tmp_path):
+    """A deep model (30 blocks × 5 matrices in the graph): one row per block first, a button for matrix rows."""
+    G = explorer_graph(n_blocks=30, per_cell=1)
+    path = render_html(G, tmp_path / "g.html")
+    _open(browser, path)
+
+    def view():
+        return browser.execute_script(
+            "var ids = network.body.data.nodes.getIds(), ys = {};"
+            "ids.forEach(function (id) { ys[network.getPositions([id])[id].y] = 1; });"
+            "return [document.getElementById('vpd-rows').textContent, Object.keys(ys).length, vpdExplorer.state.layout];"
+        )
+
+    assert view() == ["rows: per block", 32, "block"]  # Emb, L0…L29, Logits
+    node = f"comp/{_module(12, 'mlp', 'down')}/0@4"
+    _click_node(browser, node)
+    text = browser.execute_script("return document.getElementById('vpd-selected').textContent")
+    assert "L12 mlp down" in text  # the matrix is named though its row is the block's
+    browser.find_element("id", "vpd-rows").click()
+    assert view() == ["rows: per matrix", 30 * 5 + 2, "matrix"]
+    url = browser.current_url
+    browser.get("about:blank")
+    _open_url(browser, url)
+    assert view()[2] == "matrix"  # the choice lives in the link
+    assert _errors(browser) == []

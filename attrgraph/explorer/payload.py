@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import networkx as nx
@@ -26,8 +26,19 @@ MAX_DRAWN_EDGES = 2000  # edges the first view draws at most
 CONTEXTS_PER_CARD = 10  # activating contexts a node's dashboard shows
 
 # Matrix order inside a block, bottom to top, as the residual stream meets them.
-SUBLAYER_ORDER = {"q": 0, "k": 1, "v": 2, "qkv": 3, "o": 4, "gate": 5, "up": 6, "down": 7}
-_PART = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+SUBLAYER_ORDER = {"q": 0, "k": 1, "v": 2, "qkv": 3, "o": 4, "gate": 5, "up": 6, "gate_up": 7, "down": 8}
+_PART = {
+    "q": "attn",
+    "k": "attn",
+    "v": "attn",
+    "qkv": "attn",
+    "o": "attn",
+    "gate": "mlp",
+    "up": "mlp",
+    "gate_up": "mlp",
+    "down": "mlp",
+}
+MAX_MATRIX_ROWS = 40  # above this many matrix rows, the first view shows one row per block
 
 
 def _finite(x: Any, default: float = 0.0) -> float:
@@ -99,6 +110,59 @@ def _row_of(a: Mapping[str, Any]) -> tuple[tuple, str]:
     return (1, math.inf, int(a.get("row", 0)), module), module
 
 
+def _block_row_of(a: Mapping[str, Any]) -> tuple[tuple, str]:
+    """(sort key, name) of a node's row when each block is one row: `Emb`, `L{block}` or `Logits`."""
+    block = a.get("block")
+    if a.get("kind") in ("emb", "logit") or block is None:
+        return _row_of(a)
+    return (1, int(block)), f"L{int(block)}"
+
+
+def _sublayer_rank(a: Mapping[str, Any]) -> int:
+    return SUBLAYER_ORDER.get(str(a.get("sublayer")), 99)
+
+
+def _grid(
+    G: nx.DiGraph,
+    influence: Mapping[str, float],
+    n_cols: int,
+    row_of: Callable[[Mapping[str, Any]], tuple[tuple, str]],
+    in_cell: Callable[[str], tuple],
+) -> dict[str, Any]:
+    """One grid layout: named rows bottom to top, column extents, and each node's (x, y, row).
+
+    Each column is as wide as its own busiest cell, so sparse positions stay narrow and busy ones get room;
+    inside a cell the nodes sit left to right by `in_cell` (e.g. matrix order), then by influence.
+    """
+    rows: dict[tuple, str] = {}
+    row_key: dict[str, tuple] = {}
+    for n, a in G.nodes(data=True):
+        row_key[n], rows[row_key[n]] = row_of(a)
+    order = sorted(rows, key=lambda k: tuple((0, x) if isinstance(x, int | float) else (1, x) for x in k))
+    row_index = {k: i for i, k in enumerate(order)}
+    cells: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for n, a in G.nodes(data=True):
+        cells[(int(a["pos"]), row_index[row_key[n]])].append(n)
+    busiest = [1] * n_cols
+    for (pos, _), members in cells.items():
+        busiest[pos] = max(busiest[pos], len(members))
+    widths = [max(MIN_COLUMN, b * NODE_GAP + NODE_GAP) for b in busiest]
+    lefts = _cumulative(widths)
+    top = len(order) - 1
+    at: dict[str, tuple[float, float, int]] = {}
+    for (pos, r), members in cells.items():
+        members.sort(key=lambda n: (*in_cell(n), -_rank(G.nodes[n], influence[n]), n))
+        left = lefts[pos] + widths[pos] / 2 - (len(members) - 1) * NODE_GAP / 2
+        for i, n in enumerate(members):
+            at[n] = (round(left + i * NODE_GAP, 2), (top - r) * ROW_HEIGHT, r)
+    return {
+        "rows": [rows[k] for k in order],
+        "columns": [[left, width] for left, width in zip(lefts, widths, strict=True)],
+        "width": lefts[-1] + widths[-1],
+        "at": at,
+    }
+
+
 def _rank(a: Mapping[str, Any], influence: float) -> float:
     value = _finite(a.get("prob")) if a.get("kind") == "logit" else influence
     return value if math.isfinite(value) else -math.inf
@@ -159,7 +223,8 @@ def explorer_payload(
 ) -> dict[str, Any]:
     """Everything the explorer page needs, as one JSON-ready dict.
 
-    Long because the layout is one pass: rows, column widths, node positions and cards depend on each other.
+    Two grids are laid out (`_grid`): one row per matrix, and one row per block for deep models; the first
+    view uses the block rows when there are more than `MAX_MATRIX_ROWS` matrix rows, and the page switches.
 
     Args:
         G: A pruned attribution graph (see `attrgraph.export`); it is not modified.
@@ -183,34 +248,17 @@ def explorer_payload(
     given = {n: a.get("influence") for n, a in G.nodes(data=True)}
     computed = fallback_influence(G) if any(v is None for v in given.values()) else {}
     influence = {n: _finite(v) if v is not None else computed[n] for n, v in given.items()}
-    rows: dict[tuple, str] = {}
-    row_key: dict[str, tuple] = {}
-    for n, a in G.nodes(data=True):
-        row_key[n], rows[row_key[n]] = _row_of(a)
-    row_order = sorted(rows, key=lambda k: tuple((0, x) if isinstance(x, int | float) else (1, x) for x in k))
-    row_index = {k: i for i, k in enumerate(row_order)}
-
     tokens = [str(t) for t in G.graph.get("prompt_tokens", [])]
     n_cols = max([len(tokens)] + [int(a["pos"]) + 1 for _, a in G.nodes(data=True)] + [1])
-    cells: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for n, a in G.nodes(data=True):
-        cells[(int(a["pos"]), row_index[row_key[n]])].append(n)
-    # Each column as wide as its own busiest cell: sparse positions stay narrow, busy ones get room.
-    busiest = [1] * n_cols
-    for (pos, _), members in cells.items():
-        busiest[pos] = max(busiest[pos], len(members))
-    widths = [max(MIN_COLUMN, b * NODE_GAP + NODE_GAP) for b in busiest]
-    lefts = _cumulative(widths)
-
     ids = list(G.nodes)
     index = {n: i for i, n in enumerate(ids)}
-    x: dict[str, float] = {}
-    for (pos, _), members in cells.items():
-        members.sort(key=lambda n: (-_rank(G.nodes[n], influence[n]), n))
-        left = lefts[pos] + widths[pos] / 2 - (len(members) - 1) * NODE_GAP / 2
-        for i, n in enumerate(members):
-            x[n] = left + i * NODE_GAP
-    top = len(row_order) - 1
+    layouts = {
+        "matrix": _grid(G, influence, n_cols, _row_of, lambda n: ()),
+        "block": _grid(G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),)),
+    }
+    deep = len(layouts["matrix"]["rows"]) > MAX_MATRIX_ROWS
+    default = "block" if deep else "matrix"
+    first = layouts[default]
 
     keys = {
         n: component_key(str(a["module"]), int(a["index"]))
@@ -224,7 +272,7 @@ def explorer_payload(
     for n in ids:
         a = G.nodes[n]
         key = keys.get(n)
-        r = row_index[row_key[n]]
+        x, y, r = first["at"][n]
         nodes.append(
             {
                 "id": n,
@@ -232,8 +280,8 @@ def explorer_payload(
                 "kind": a["kind"],
                 "sub": a.get("sublayer"),
                 "row": r,
-                "x": round(x[n], 2),
-                "y": (top - r) * ROW_HEIGHT,
+                "x": x,
+                "y": y,
                 "inf": influence[n],
                 "attrs": _json_native(dict(a)),
             }
@@ -269,10 +317,21 @@ def explorer_payload(
         "title": title,
         "tokens": tokens,
         "n_cols": n_cols,
-        "columns": [[left, width] for left, width in zip(lefts, widths, strict=True)],
-        "width": lefts[-1] + widths[-1],
+        "columns": first["columns"],
+        "width": first["width"],
         "row_height": ROW_HEIGHT,
-        "rows": [rows[k] for k in row_order],
+        "rows": first["rows"],
+        "layout": default,
+        # Both grids, node positions as [x, y, row] in node order: the page switches between them.
+        "layouts": {
+            name: {
+                "rows": lay["rows"],
+                "columns": lay["columns"],
+                "width": lay["width"],
+                "at": [list(lay["at"][n]) for n in ids],
+            }
+            for name, lay in layouts.items()
+        },
         "nodes": nodes,
         "edges": edges,
         "qk": qk,

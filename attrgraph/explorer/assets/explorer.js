@@ -35,6 +35,11 @@
   }
   var rowName = D.rows;
   var nRows = rowName.length;
+  // The matrix a node belongs to, whichever grid is shown (block rows name only the block).
+  function matrixName(n) {
+    var M = D.layouts && D.layouts.matrix;
+    return M ? M.rows[M.at[indexOf[n.id]][2]] : rowName[n.row];
+  }
   function nodeName(n) {
     var a = n.attrs;
     if (n.kind === "logit") { return "logit @" + a.pos; }
@@ -50,7 +55,7 @@
     }
     if (n.kind === "emb") { return ""; }
     var rest = s.replace(/^\S+:\d+(:\d+)?(@\d+)?\s*/, "");
-    if (n.kind === "delta") { return "\u0394 " + rowName[n.row]; }
+    if (n.kind === "delta") { return "\u0394 " + matrixName(n); }
     rest = rest || n.key || s;
     return rest.length > 48 ? rest.slice(0, 47) + "\u2026" : rest;
   }
@@ -74,7 +79,7 @@
 
   var BUCKETS = [[0.08, 0.6], [0.25, 1.0], [0.5, 1.8], [0.8, 3.0]];
   function bucketOf(w) { var f = Math.abs(w) / maxW; return f < 0.1 ? 0 : f < 0.3 ? 1 : f < 0.6 ? 2 : 3; }
-  var state = {sel: null, pins: [], groups: [], nt: 1, et: D.edge_threshold};
+  var state = {sel: null, pins: [], groups: [], nt: 1, et: D.edge_threshold, layout: D.layout || "matrix"};
   var nodeOn = new Uint8Array(N.length), edgeOn = new Uint8Array(E.length);
   var visEdges = [], byBucket = [];
 
@@ -128,6 +133,24 @@
   var width = D.width;
   var height = nRows * RH;
   function rowY(r) { return (nRows - 1 - r) * RH; }
+  // Switch the grid: one row per matrix, or one row per block (a deep model's first view).
+  var rowsButton = document.getElementById("vpd-rows");
+  function useLayout(name) {
+    var L = D.layouts && D.layouts[name];
+    if (!L) { return; }
+    state.layout = name;
+    COLS = L.columns; rowName = L.rows; nRows = rowName.length; width = L.width; height = nRows * RH;
+    var upd = N.map(function (n, i) {
+      var p = L.at[i]; n.x = p[0]; n.y = p[1]; n.row = p[2];
+      return {id: n.id, x: n.x, y: n.y};
+    });
+    nodes.update(upd);
+    if (rowsButton) {
+      rowsButton.textContent = name === "block" ? "rows: per block" : "rows: per matrix";
+      rowsButton.title = name === "block" ? "One row per block, its matrices side by side in each cell; click for one row per matrix" :
+        "One row per matrix; click for one row per block";
+    }
+  }
 
   // ---- drawing ------------------------------------------------------------------------------
   network.on("beforeDrawing", function (ctx) {
@@ -466,7 +489,7 @@
       var tr = el("tr"); tr.appendChild(el("td", k)); tr.appendChild(el("td", v)); t.appendChild(tr);
     }
     row("key", n.key || n.id);
-    row("matrix", rowName[n.row]);
+    row("matrix", matrixName(n));
     row("position", a.pos + "  " + showTok(a.token !== undefined ? a.token : (D.tokens[a.pos] || "")));
     if (n.kind === "logit") { row("probability", fmt(a.prob)); }
     row("CI here", fmt(a.ci));
@@ -673,7 +696,7 @@
 
   // ---- state --------------------------------------------------------------------------------
   function writeHash() {
-    var st = {s: state.sel, p: state.pins, g: state.groups, n: state.nt, e: state.et};
+    var st = {s: state.sel, p: state.pins, g: state.groups, n: state.nt, e: state.et, l: state.layout};
     history.replaceState(null, "", "#" + encodeURIComponent(JSON.stringify(st)));
   }
   function readHash() {
@@ -687,6 +710,7 @@
         .map(function (g) { return [String(g[0]), g[1].filter(ok)]; });
       if (typeof st.n === "number") { state.nt = Math.min(Math.max(st.n, 0), 1); }
       if (typeof st.e === "number") { state.et = Math.min(Math.max(st.e, 0), 1); }
+      if (st.l === "block" || st.l === "matrix") { state.layout = st.l; }
     } catch (err) { /* a hand-edited or truncated hash: open the default view */ }
   }
   var nodeSlider = document.getElementById("vpd-node-threshold");
@@ -825,6 +849,13 @@
 
   // ---- start --------------------------------------------------------------------------------
   readHash();
+  useLayout(state.layout);
+  if (rowsButton) {
+    rowsButton.addEventListener("click", function () {
+      useLayout(state.layout === "block" ? "matrix" : "block");
+      moved = false; home(); changed();
+    });
+  }
   nodeSlider.value = state.nt; edgeSlider.value = state.et;
   applyPrune();
   if (state.sel !== null) { network.selectNodes([state.sel]); }
@@ -832,5 +863,7 @@
   home();
   window.vpdExplorer = {exportJSON: exportJSON, exportSVG: exportSVG, state: state, select: select, togglePin: togglePin,
     group: group, home: home, nodeCount: function () { return +counts.getAttribute("data-nodes"); },
-    hoverCard: function (id) { return hoverCard(N[indexOf[id]]); }};
+    hoverCard: function (id) { return hoverCard(N[indexOf[id]]); }, useLayout: function (name) {
+      useLayout(name); home(); changed();
+    }};
 })();
