@@ -405,7 +405,8 @@ def test_a_30_block_graph_opens_in_block_rows_and_expands(browser, tmp_path):
         return browser.execute_script(
             "var ids = network.body.data.nodes.getIds(), ys = {};"
             "ids.forEach(function (id) { ys[network.getPositions([id])[id].y] = 1; });"
-            "return [document.getElementById('vpd-rows').textContent, Object.keys(ys).length, vpdExplorer.state.layout];"
+            "var button = document.getElementById('vpd-rows').textContent;"
+            "return [button, Object.keys(ys).length, vpdExplorer.state.layout];"
         )
 
     assert view() == ["rows: per block", 32, "block"]  # Emb, L0…L29, Logits
