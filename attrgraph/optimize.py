@@ -238,7 +238,7 @@ def optimize_ci(
     target_pos: int,
     target_token: int,
     settings: OptimizeSettings | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> PromptCI:
     """Re-optimise the CI of one prompt for the prediction of `target_token` at `target_pos` (§4).
 
@@ -258,7 +258,7 @@ def optimize_ci(
         target_token: y*, in the vocabulary.
         settings: Mode, steps, lr, λ_min and the adversary's steps (`attrgraph.settings.OptimizeSettings`);
             None: the defaults. Build them from user input with `optimize_settings(**values)`.
-        progress: Show a tqdm bar.
+        progress: Show a tqdm bar (True), or call `progress(steps_done, steps)` after each step.
 
     Returns:
         The optimised CI, the base alive set, the logged losses and the settings.
@@ -291,7 +291,8 @@ def optimize_ci(
     from tqdm.auto import tqdm
 
     losses: list[float] = []
-    for step in tqdm(range(steps), desc="optimize-ci", disable=not progress):
+    report = progress if callable(progress) else None  # e.g. a server's progress for its page
+    for step in tqdm(range(steps), desc="optimize-ci", disable=progress is not True):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, FINAL_LR_FRAC, warmup_steps)
         g, g_up = full(sigmoid_lower), full(sigmoid_upper)
@@ -305,6 +306,8 @@ def optimize_ci(
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             losses.append(float(loss.detach()))
+        if report is not None:
+            report(step + 1, steps)
     with torch.no_grad():
         g = {path: t.detach() for path, t in full(sigmoid_lower).items()}
     kept = settings.model_dump(include={"p", "eps", "pgd_steps", "pgd_step_size", "seed", "log_every"})

@@ -16,7 +16,7 @@ Every default lives in `GraphSettings`; every file name in `FILES`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,7 @@ def _fit_ci(
     label: int,
     ci: Mapping[str, Tensor],
     settings: GraphSettings,
-    progress: bool,
+    progress: bool | Callable[[int, int], None],
 ) -> tuple[Mapping[str, Tensor], dict | None, dict]:
     """(CI the edges use, the optimisation's record or None, the faithfulness report or {}) per `settings`."""
     from attrgraph.optimize import faithfulness, optimize_ci
@@ -258,7 +258,7 @@ def attribute_prompt(
     settings: GraphSettings = GraphSettings(),  # noqa: B008 (frozen, so one shared default is safe)
     ci: Mapping[str, Tensor] | None = None,
     labels: Mapping[str, str] | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> PromptGraph:
     """The attribution graph of `prompt` read out at `position` (default: its last token), steps 1–5 above.
 
@@ -271,7 +271,8 @@ def attribute_prompt(
         settings: Every knob; see `GraphSettings`.
         ci: Path → (T, C) CI to build the graph on instead of the CI network's (ignored with `optimize`).
         labels: Node id or `block.part.matrix:c` → label.
-        progress: Show tqdm bars for the optimisation and the edges.
+        progress: Show tqdm bars for the optimisation and the edges (True), or call `progress(steps_done,
+            steps)` after each optimisation step (e.g. a server reporting to its page).
 
     Raises:
         VpdError: An empty prompt, one past the model's context, a target that is not one token, a position
@@ -304,7 +305,7 @@ def attribute_prompt(
         weight_by_source_ci=settings.weight_by_source_ci,
         batch_size=settings.batch_size,
         max_nodes=settings.max_nodes,
-        progress=progress,
+        progress=progress is True,
     )
     masks = prune_coo(
         table.n,
