@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-TOP_K = 5
+from circuits.ablation import TOP_K
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,14 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_ablate)
 
 
-def _top(probs, tokenizer, k: int = TOP_K) -> list[dict]:
-    values, ids = probs.topk(k)
-    return [
-        {"token": tokenizer.decode([i]), "id": i, "probability": v}
-        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
-    ]
-
-
 def _reference(d, tokenizer, size: int):
     """The first `size` held-out windows, as for `vpd eval`."""
     from decomposer.vpd.batches import run_heldout_windows
@@ -59,8 +51,7 @@ def _reference(d, tokenizer, size: int):
 
 
 def _ablate(args: argparse.Namespace) -> None:
-    from attrgraph.graph import resolve_prompt
-    from circuits.interventions import Intervention, ablate, generate, resolve_sites
+    from circuits.ablation import ablation_summary
     from decomposer.errors import VpdError
     from decomposer.vpd.load import load_run
 
@@ -78,28 +69,20 @@ def _ablate(args: argparse.Namespace) -> None:
         _report(args, summary)
         return
     d, tokenizer, _ = load_run(args.run)
-    ids, pos, label, _ = resolve_prompt(d, tokenizer, args.prompt, args.target, args.position)
-    resolve_sites(d, args.nodes, seq_len=ids.shape[1], name="--nodes")
     reference = _reference(d, tokenizer, args.reference_size) if args.kind in ("mean", "resample") else None
-    result = ablate(
+    summary = ablation_summary(
         d,
-        ids,
+        tokenizer,
+        args.prompt,
         args.nodes,
-        args.kind,
+        kind=args.kind,
         scale=args.scale,
+        target=args.target,
+        position=args.position,
+        generate_tokens=args.generate,
         reference=reference,
         seed=args.seed,
-        target_pos=pos,
-        target_token=label,
     )
-    summary = _summary(args, result, tokenizer, pos, label)
-    if args.generate:
-        iv = Intervention(tuple(args.nodes), args.kind, args.scale, reference, args.seed)
-        summary["generation"] = {
-            "tokens": args.generate,
-            "without": generate(d, tokenizer, args.prompt, (), args.generate),
-            "with": generate(d, tokenizer, args.prompt, iv, args.generate),
-        }
     _report(args, summary)
 
 
@@ -131,25 +114,10 @@ def _ablate_model(args: argparse.Namespace) -> dict:
 
 
 def _summary(args: argparse.Namespace, result, tokenizer, pos: int, label: int) -> dict:
-    before = result.target_logits[0, pos].double().softmax(-1)
-    after = result.logits[0, pos].double().softmax(-1)
-    summary = {
-        "prompt": args.prompt,
-        "nodes": list(args.nodes),
-        "kind": args.kind,
-        "scale": args.scale,
-        "target_token": tokenizer.decode([label]),
-        "target_pos": pos,
-        "p_before": float(result.p_target[0]),
-        "p_after": float(result.p_intervened[0]),
-        "kl_before": 0.0,
-        "kl_after": float(result.kl[0, pos]),
-        "kl_mean_over_positions": float(result.kl[0].mean()),
-        "top_before": _top(before, tokenizer),
-        "top_after": _top(after, tokenizer),
-        "generation": None,
-    }
-    return summary
+    from circuits.ablation import result_summary
+
+    summary = {"prompt": args.prompt, "nodes": list(args.nodes), "kind": args.kind, "scale": args.scale}
+    return summary | result_summary(result, tokenizer, pos, label)
 
 
 def _report(args: argparse.Namespace, summary: dict) -> None:
