@@ -19,7 +19,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from attrgraph.edge_table import KINDS, EdgeTable
+from attrgraph.edge_table import EdgeTable
+from attrgraph.nodes import KINDS
 from decomposer.errors import ArtifactFormatError
 from decomposer.io import atomic_write_bytes, atomic_write_json
 

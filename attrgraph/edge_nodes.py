@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attrgraph.edge_table import KINDS
 from attrgraph.leaves import LeafRecord
+from attrgraph.nodes import KINDS
+from attrgraph.settings import DEFAULTS, GraphSettings
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
@@ -37,7 +38,7 @@ def prepare_inputs(
             if ci is None:
                 ci = {p: g[0] for p, g in d.causal_importance(xs)[0].items()}
         if logit_tokens is None:
-            logit_tokens = top_logit_tokens(probs)
+            logit_tokens = choose_logit_tokens(probs)
     if set(ci) != set(d.module_paths):
         raise VpdError(f"`ci` must have one entry per decomposed module, {d.module_paths}; got {sorted(ci)}.")
     ci = {p: (g[0] if g.ndim == 3 else g)[: target_pos + 1].detach().to(d.model_device) for p, g in ci.items()}
@@ -47,11 +48,18 @@ def prepare_inputs(
     return tokens, target_pos, list(logit_tokens), ci, probs
 
 
-def top_logit_tokens(probs: Tensor, max_logits: int = 10, logit_prob: float = 0.95) -> list[int]:
-    """The likeliest tokens until their cumulative probability reaches `logit_prob`, at most `max_logits`."""
-    p, order = probs.sort(descending=True)
-    n = int(torch.searchsorted(p.cumsum(0), torch.tensor(logit_prob, dtype=p.dtype, device=p.device))) + 1
-    return order[: min(n, max_logits)].tolist()
+def choose_logit_tokens(probs: Tensor, label: int | None = None, settings: GraphSettings = DEFAULTS) -> list[int]:
+    """The logit nodes' tokens: the label (default: the likeliest token) first, then the likeliest tokens until
+    their cumulative probability reaches `settings.logit_prob`, `settings.max_logits` at most."""
+    label = int(probs.argmax()) if label is None else label
+    tokens, mass = [label], 0.0
+    for tok in probs.argsort(descending=True).tolist():
+        if len(tokens) >= settings.max_logits or mass >= settings.logit_prob:
+            break
+        mass += float(probs[tok])
+        if tok != label:
+            tokens.append(tok)
+    return tokens
 
 
 class CandidateNodes:

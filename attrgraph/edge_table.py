@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attrgraph.nodes import NodeId
+from attrgraph.nodes import KINDS, NodeId
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,6 @@ class Attribution:
     ci: Tensor
     logit_tokens: list[int]
     target_pos: int
-
-
-KINDS = ("emb", "comp", "delta", "logit")  # `EdgeTable.kind` holds indices into this tuple
 
 
 @dataclass(frozen=True)
@@ -113,3 +110,7 @@ class EdgeTable:
         A = self.weights.new_zeros(self.n, self.n)
         A[self.targets, self.sources] = self.weights
         return A
+
+    def attribution(self) -> Attribution:
+        """The same graph as a dense `Attribution`; for small graphs only (tests, references)."""
+        return Attribution(self.nodes(), self.dense(), self.activation, self.ci, self.logit_tokens, self.target_pos)

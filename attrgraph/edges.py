@@ -30,8 +30,8 @@ Algorithm:
    layer reaches only leaves at t, and an o target of block b only block b's q/k/v leaves, so each
    source's gradient belongs to the target in its slot (`slot_groups`; without decomposed q/k/v and
    o in every block, one target per copy). The copy-independent parts of the hook (a, x Δᵀ,
-   a_dead @ U) are computed once and broadcast. `attribute_reference` does one `autograd.grad` per
-   target instead, with every (t, c) entry a leaf.
+   a_dead @ U) are computed once and broadcast. `attrgraph.reference.attribute_reference` does one
+   `autograd.grad` per target instead, with every (t, c) entry a leaf.
 7. Node budget (`max_nodes`): the logits' rows first; then, as circuit-tracer does, the influence of
    every node on the logits is estimated from the rows found so far and the next queue of targets is
    the unvisited comp nodes of largest estimate, until the budget is spent. Comp nodes outside the
@@ -51,16 +51,14 @@ import torch
 from torch import Tensor
 
 from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
-from attrgraph.edge_table import KINDS, Attribution, EdgeTable
+from attrgraph.edge_table import Attribution, EdgeTable
 from attrgraph.leaves import LeafRecord, direct_effect_leaves
+from attrgraph.nodes import KINDS
+from attrgraph.settings import DEFAULT_MAX_NODES, DEFAULTS
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
-__all__ = [
-    "attribute",
-    "attribute_edges",
-    "attribute_reference",
-]
+__all__ = ["attribute", "attribute_edges"]
 
 
 # The budget's first queues hold this many batches of targets between influence estimates; larger first
@@ -228,7 +226,7 @@ def attribute_edges(
     logit_probs: Tensor | None = None,
     ci: dict[str, Tensor] | None = None,
     weight_by_source_ci: bool = True,
-    batch_size: int = 32,
+    batch_size: int = DEFAULTS.batch_size,
     max_nodes: int | None = None,
     progress: bool = False,
     _batched: bool = True,
@@ -257,7 +255,9 @@ def attribute_edges(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise VpdError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
     if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
-        raise VpdError(f"`max_nodes` must be a positive integer or None; got {max_nodes!r}. Pass e.g. 7500.")
+        raise VpdError(
+            f"`max_nodes` must be a positive integer or None; got {max_nodes!r}. Pass e.g. {DEFAULT_MAX_NODES}."
+        )
     tokens, target_pos, logit_tokens, ci, probs = prepare_inputs(d, tokens, target_pos, logit_tokens, ci)
     graph = CandidateNodes(d, tokens.shape[1], target_pos, logit_tokens, ci)
     comp_nodes = graph.comp_nodes()
@@ -310,76 +310,7 @@ def attribute_edges(
     )
 
 
-def _run(
-    d: Decomposition,
-    tokens: Tensor,
-    target_pos: int | None,
-    logit_tokens: Sequence[int] | None,
-    ci: dict[str, Tensor] | None,
-    weight_by_source_ci: bool,
-    batch_size: int,
-    batched: bool,
-) -> Attribution:
-    table = attribute_edges(
-        d,
-        tokens,
-        target_pos=target_pos,
-        logit_tokens=logit_tokens,
-        ci=ci,
-        weight_by_source_ci=weight_by_source_ci,
-        batch_size=batch_size,
-        _batched=batched,
-    )
-    return Attribution(table.nodes(), table.dense(), table.activation, table.ci, table.logit_tokens, table.target_pos)
-
-
-def attribute(
-    d: Decomposition,
-    tokens: Tensor,
-    *,
-    target_pos: int | None = None,
-    logit_tokens: Sequence[int] | None = None,
-    ci: dict[str, Tensor] | None = None,
-    weight_by_source_ci: bool = True,
-    batch_size: int = 32,
-) -> Attribution:
-    """The attribution graph of one prompt, batching `batch_size` target nodes per backward.
-
-    Args:
-        d: The decomposition (component model plus CI function).
-        tokens: Prompt token ids, (T,) or (1, T). Positions after `target_pos` are dropped.
-        target_pos: Read-out position t*; defaults to the last position.
-        logit_tokens: Token ids of the logit nodes; default: the top tokens at t* by probability up to a
-            cumulative 0.95, at most 10.
-        ci: Path → CI (T, C) or (1, T, C); comp nodes are the entries > 0. Default: the CI network's g.
-        weight_by_source_ci: Multiply comp-source edges by the source's g (the paper's form).
-        batch_size: Target nodes per backward (prompt copies per forward).
-
-    Returns:
-        The nodes, the dense adjacency A[target, source], activations and CI per node.
-
-    Raises:
-        VpdError: On a misshapen prompt, an out-of-range position or token, a `ci` that does not match
-            the decomposed modules, or a `batch_size` below 1.
-    """
-    return _run(d, tokens, target_pos, logit_tokens, ci, weight_by_source_ci, batch_size, batched=True)
-
-
-def attribute_reference(
-    d: Decomposition,
-    tokens: Tensor,
-    *,
-    target_pos: int | None = None,
-    logit_tokens: Sequence[int] | None = None,
-    ci: dict[str, Tensor] | None = None,
-    weight_by_source_ci: bool = True,
-    batch_size: int = 32,
-) -> Attribution:
-    """`attribute` with one `autograd.grad` per target node on a batch-1 forward (tests, benchmarks).
-
-    Every (t, c) entry is a leaf here, dead or alive, as in the plain formulation; `attribute` makes only
-    the alive entries leaves, so agreement between the two also checks that restriction.
-
-    Arguments, return value and errors are those of `attribute`; `batch_size` is validated but unused.
-    """
-    return _run(d, tokens, target_pos, logit_tokens, ci, weight_by_source_ci, batch_size, batched=False)
+def attribute(d: Decomposition, tokens: Tensor, **kwargs: Any) -> Attribution:
+    """`attribute_edges` as a dense `Attribution` (nodes, A[target, source], activations, CI), for small graphs
+    and the tests; keyword arguments and errors are those of `attribute_edges`."""
+    return attribute_edges(d, tokens, **kwargs).attribution()

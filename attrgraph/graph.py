@@ -1,8 +1,8 @@
 """Assemble an attribution graph as an `nx.DiGraph` in the convention of `attrgraph.export`.
 
-`build_graph` computes every edge of one prompt (`attrgraph.edges.attribute_edges`) and labels every
-node; `table_to_networkx` converts an `EdgeTable` (or the nodes and edges pruning kept of it).
-`attrgraph.pipeline.attribute_prompt` is the full pipeline.
+`table_to_networkx` converts an `EdgeTable` (or the nodes and edges pruning kept of it), labelling every
+node; `attrgraph.pipeline.attribute_prompt` is the full pipeline (`attrgraph.reference.build_graph`, every
+edge of a short prompt unpruned, is the reference the tests compare it to).
 Edges with weight exactly 0 are structural zeros and are not stored.
 """
 
@@ -17,10 +17,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from attrgraph.edge_table import EdgeTable
-from attrgraph.edges import attribute_edges
 from attrgraph.labels import label_for, label_source
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
-from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
@@ -28,18 +26,6 @@ from decomposer.vpd.run import Decomposition
 def count_blocks(d: Decomposition) -> int:
     """Blocks of the target that hold a decomposed matrix, counted up to the last one."""
     return 1 + max(module_short_name(p)[0] for p in d.module_paths)
-
-
-def logit_tokens(probs: Tensor, label: int, settings: GraphSettings) -> list[int]:
-    """The label first, then the likeliest tokens until `logit_prob` cumulative probability, `max_logits` at most."""
-    tokens, mass = [label], 0.0
-    for tok in probs.argsort(descending=True).tolist():
-        if len(tokens) >= settings.max_logits or mass >= settings.logit_prob:
-            break
-        mass += float(probs[tok])
-        if tok != label:
-            tokens.append(tok)
-    return tokens
 
 
 def _label(node: NodeId, token: str, labels: Mapping[str, str] | None) -> str:
@@ -231,63 +217,3 @@ def resolve_prompt(
         logits = d.model.target(ids[:, : target_pos + 1].to(d.model_device)).logits[0, target_pos]
     probs = torch.softmax(logits.double(), -1).cpu()
     return ids, target_pos, int(probs.argmax()) if label_id is None else label_id, probs
-
-
-def build_graph(
-    d: Decomposition,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    *,
-    target_token: str | None = None,
-    target_pos: int | None = None,
-    ci: Mapping[str, Tensor] | None = None,
-    labels: Mapping[str, str] | None = None,
-    weight_by_source_ci: bool = True,
-    batch_size: int = 32,
-    report: Mapping[str, float] | None = None,
-) -> nx.DiGraph:
-    """The full (unpruned, unbudgeted) attribution graph of `prompt` as a DiGraph, for small prompts.
-
-    `attrgraph.attribute_prompt` is the pipeline (node budget, pruning on tensors, files); this is its
-    edge step with every node's edges, converted whole to networkx.
-
-    Args:
-        d: The decomposition.
-        tokenizer: The target's tokenizer.
-        prompt: Text; it is tokenized without special tokens.
-        target_token: The label whose logit the graph explains; it must be one token. By default the
-            target model's most likely next token.
-        target_pos: Read-out position t*; the prompt is truncated after it.
-        ci: Path → (T, C) CI deciding which subcomponents are nodes (e.g. from per-prompt optimisation);
-            by default the CI network's values.
-        labels: Node id or `block.part.matrix:c` → label, e.g. from component statistics.
-        weight_by_source_ci: Multiply edges by the source's CI (the paper's form).
-        batch_size: Target rows per backward pass.
-        report: Faithfulness numbers to store with the graph.
-
-    Raises:
-        VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
-            position out of range.
-    """
-    ids, target_pos, label_id, probs = resolve_prompt(d, tokenizer, prompt, target_token, target_pos)
-    readout = logit_tokens(probs, label_id, GraphSettings())
-    table = attribute_edges(
-        d,
-        ids,
-        target_pos=target_pos,
-        logit_tokens=readout,
-        logit_probs=probs,
-        ci=dict(ci) if ci is not None else None,
-        weight_by_source_ci=weight_by_source_ci,
-        batch_size=batch_size,
-    )
-    return table_to_networkx(
-        table,
-        prompt=prompt,
-        prompt_tokens=[tokenizer.decode([i]) for i in ids[0, : target_pos + 1].tolist()],
-        token_text={t: tokenizer.decode([t]) for t in readout},
-        n_blocks=count_blocks(d),
-        labels=labels,
-        settings={"weight_by_source_ci": weight_by_source_ci, "batch_size": batch_size},
-        report=report,
-    )

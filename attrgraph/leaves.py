@@ -4,7 +4,7 @@
 delta_leaf (+ bias)`, with detached leaves at the alive (t, c) entries only and at x Δᵀ, and the input
 embedding's output a leaf too. Every path between two decomposed matrices then ends at a leaf or a
 constant, so the gradient of a target with respect to a leaf is its direct effect. `attrgraph.edges` builds
-the graph's edges on it; `attrgraph.pairs` traces which layers connect.
+the graph's edges on it; `attrgraph.reference.trace_layer_pairs` traces which layers connect.
 """
 
 from __future__ import annotations

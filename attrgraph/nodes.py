@@ -26,7 +26,9 @@ from decomposer.architectures import matrix_role
 from decomposer.errors import VpdError
 
 NodeKind = Literal["comp", "emb", "logit", "delta"]
-NODE_KINDS: tuple[str, ...] = ("comp", "emb", "logit", "delta")
+# The node kinds, in the order a graph's node table holds them: embeddings, subcomponents, deltas, logits.
+# `EdgeTable.kind` and the full-graph artifact store indices into this tuple.
+KINDS: tuple[str, ...] = ("emb", "comp", "delta", "logit")
 
 _INT = r"(0|[1-9][0-9]*)"
 _MODULE = r"([^/@]+)"
@@ -68,8 +70,8 @@ class NodeId:
     index: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in NODE_KINDS:
-            raise VpdError(f"`kind` must be one of {', '.join(NODE_KINDS)}; got {self.kind!r}.")
+        if self.kind not in KINDS:
+            raise VpdError(f"`kind` must be one of {', '.join(KINDS)}; got {self.kind!r}.")
         _check_int("pos", self.pos, self.kind)
         if self.kind in ("comp", "delta"):
             if not isinstance(self.module, str) or not self.module or "/" in self.module or "@" in self.module:
@@ -186,6 +188,10 @@ def short_label(node: NodeId) -> str:
 ROW_ORDER: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 ROWS_PER_BLOCK = len(ROW_ORDER)
 _ROW_OF_SHORT = {short: i for i, shorts in enumerate(ROW_ORDER) for short in shorts}
+# The same order one matrix a row (the explorer's matrix rows): q, k, v, qkv, o, gate, up, gate_up, down.
+SUBLAYER_ORDER = {short: i for i, short in enumerate(short for shorts in ROW_ORDER for short in shorts)}
+# The part of the block each matrix belongs to: the first two rows are attention, the last two the MLP.
+SUBLAYER_PART = {short: "attn" if _ROW_OF_SHORT[short] < 2 else "mlp" for short in SUBLAYER_ORDER}
 
 
 def node_row(node: NodeId, *, n_blocks: int | None = None) -> int:

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edge_table import KINDS, EdgeTable
+from attrgraph.edge_table import EdgeTable
 from attrgraph.edges import attribute_edges
+from attrgraph.nodes import KINDS
 from attrgraph.prune import CooPruneMasks, prune_coo
 from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError
@@ -278,7 +279,8 @@ def attribute_prompt(
         VpdError: An empty prompt, one past the model's context, a target that is not one token, a position
             out of range, or a graph whose estimated memory exceeds the limit.
     """
-    from attrgraph.graph import check_prompt, count_blocks, logit_tokens, table_to_networkx
+    from attrgraph.edge_nodes import choose_logit_tokens
+    from attrgraph.graph import check_prompt, count_blocks, table_to_networkx
     from attrgraph.qk import add_qk_pairs
 
     ids, pos, label = check_prompt(d, tokenizer, prompt, target, position)
@@ -294,7 +296,7 @@ def attribute_prompt(
     if label is None:
         label = int(probs.argmax())
     ci, optimize_settings, report = _fit_ci(d, ids, pos, label, ci, settings, progress)
-    readout = logit_tokens(probs, label, settings)
+    readout = choose_logit_tokens(probs, label, settings)
     table = attribute_edges(
         d,
         ids,

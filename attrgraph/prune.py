@@ -1,28 +1,21 @@
-"""Influence pruning of attribution graphs (circuit-tracer semantics) and simple graph filters.
+"""Influence pruning of attribution graphs (circuit-tracer semantics) on COO edges, and simple graph filters.
 
-Node order and orientation, stated once for the whole module: node i is the i-th entry of the
-`nodes` (or `kinds`) list, and for networkx graphs the i-th node of `list(G.nodes)`. The dense
-adjacency A has shape (n, n) and A[target, source] is the signed edge weight from source to target,
-as in circuit-tracer. So row t lists the inputs of t and column s the outputs of s.
+Orientation, stated once: edges run from `sources[e]` to `targets[e]` over node indices (for networkx graphs,
+the i-th node of `list(G.nodes)`), i.e. the entries A[target, source] of the adjacency, as in circuit-tracer.
+The maths is in docs/attribution-graphs.md, "Influence pruning"; `prune_coo` runs its steps:
 
-`influence_prune` follows attribution-graphs.md §6:
+1. Â: each edge's |weight| divided by the |weight| sum of its target's inputs (`coo_normalized_abs`).
+2. w: each logit node's probability, zero elsewhere; influence = w(Â + Â² + …) (`coo_series`, one
+   scatter-add over the edges per product; the graph is a DAG, so it ends; 1000 products is a cycle).
+3. Keep the highest-influence nodes up to a cumulative `node_threshold` share; embeddings and logits always.
+4. Zero the edges touching a dropped node, renormalise.
+5. Score each edge as Â[t, s] · (influence_t + w_t) on the pruned Â; keep up to a cumulative `edge_threshold`.
+6. Drop dangling nodes until nothing changes (`drop_dangling`): comp and delta nodes with no kept outgoing
+   edge, comp nodes with no kept incoming edge.
+7. Return masks; the networkx wrappers (`prune_graph`, `remove_dangling`, `ci_threshold`) build new graphs.
 
-1. Â = |A| with each target row normalised to sum to 1.
-2. w is zero except at logit nodes, where it holds their probabilities; the influence of node j is
-   [w(Â + Â² + …)]_j. The graph is a DAG, so the series ends; 1000 products without ending is a cycle.
-3. Keep the highest-influence nodes until their cumulative share reaches `node_threshold`.
-   Embeddings and logits are always kept.
-4. Zero the dropped rows and columns of A, then renormalise.
-5. Score each edge as Â[t, s] · (influence_t + w_t), with the influence recomputed on the pruned Â
-   (as circuit-tracer does), and keep edges up to a cumulative `edge_threshold`.
-6. Repeatedly drop comp and delta nodes with no kept outgoing edge, and comp nodes with no kept
-   incoming edge, until nothing changes.
-7. Return masks; the graph is left alone. The networkx wrappers build new graphs from the masks.
-
-`prune_coo` runs the same steps on a graph held as COO edges (target, source, weight), in O(edges ·
-depth) time and O(nodes + edges) memory: no dense matrix and no sort beyond the nonzero edges. It is
-what `attribute_prompt` and `prune_graph` use; `influence_prune` states the algorithm on a dense A and
-is kept as the reference the COO form is tested against.
+O(edges · depth) time and O(nodes + edges) memory; `attrgraph.reference.influence_prune` states the same steps
+on a dense A and is what the tests compare this against. `graph_influence` is step 2 on a networkx graph.
 
 "Until the cumulative share reaches x" includes the item that crosses x, and every item tied with
 it. At least the single highest-scoring item is kept, and items scoring exactly 0 never are.
@@ -30,6 +23,7 @@ it. At least the single highest-scoring item is kept, and items scoring exactly 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -37,91 +31,20 @@ import networkx as nx
 import torch
 from torch import Tensor
 
+from attrgraph.nodes import KINDS
+from attrgraph.settings import DEFAULTS
 from decomposer.errors import VpdError
 
 MAX_PRODUCTS = 1000
-_KINDS = ("comp", "emb", "logit", "delta")
 
 
-class PruneMasks(NamedTuple):
-    """What `influence_prune` keeps, in the module's node order.
-
-    Attributes:
-        node_mask: Bool (n,), True for kept nodes.
-        edge_mask: Bool (n, n) in the A[target, source] orientation, True for kept edges; only
-            nonzero edges between kept nodes are ever True.
-        influence: (n,) influence of every node on the logits in the unpruned graph (step 2).
-    """
-
-    node_mask: Tensor
-    edge_mask: Tensor
-    influence: Tensor
-
-
-def _check_threshold(name: str, value: float) -> None:
+def check_threshold(name: str, value: float) -> None:
+    """Refuse a share outside [0, 1], naming the setting."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
         raise VpdError(f"`{name}` must be in [0, 1]; got {value!r}. Pass a fraction such as 0.8.")
 
 
-def _check_square(A: Tensor) -> None:
-    if not isinstance(A, Tensor) or A.ndim != 2 or A.shape[0] != A.shape[1] or not A.is_floating_point():
-        got = f"shape {tuple(A.shape)}, dtype {A.dtype}" if isinstance(A, Tensor) else type(A).__name__
-        raise VpdError(f"`A` must be a dense square float tensor A[target, source]; got {got}.")
-    if not bool(torch.isfinite(A).all()):
-        raise VpdError("`A` contains NaN or infinite entries; every edge weight must be finite.")
-
-
-def normalized_abs(A: Tensor) -> Tensor:
-    """|A| with each target row scaled to sum to 1; rows of zeros stay zero.
-
-    Raises:
-        VpdError: If `A` is not a square floating-point matrix.
-    """
-    _check_square(A)
-    magnitude = A.abs()
-    row_sums = magnitude.sum(dim=1, keepdim=True)
-    # Dividing a zero row by 1 keeps it exactly zero instead of producing NaN.
-    return magnitude / torch.where(row_sums > 0, row_sums, torch.ones_like(row_sums))
-
-
-def _series(A_hat: Tensor, w: Tensor) -> Tensor:
-    """w(Â + Â² + …) for an already normalised Â, stopping when a product is exactly zero."""
-    term = w @ A_hat
-    total = term.clone()
-    products = 1
-    while bool(term.any()):
-        if products >= MAX_PRODUCTS:
-            raise VpdError(
-                f"Influence did not vanish after {MAX_PRODUCTS} products, so `A` has a cycle; "
-                "an attribution graph must be a DAG (check the node order and the A[target, source] orientation)."
-            )
-        term = term @ A_hat
-        total += term
-        products += 1
-    return total
-
-
-def influence(A: Tensor, logit_weights: Tensor) -> Tensor:
-    """Influence of every node on the weighted logits: w(Â + Â² + …) with Â = `normalized_abs(A)`.
-
-    Args:
-        A: Signed adjacency, A[target, source], shape (n, n).
-        logit_weights: w, shape (n,): the probability at each logit node and zero elsewhere.
-
-    Returns:
-        Influence per node, shape (n,), in A's dtype. A logit's own weight is not included.
-
-    Raises:
-        VpdError: If the shapes disagree, or if the series has not ended after 1000 products (a cycle).
-    """
-    A_hat = normalized_abs(A)
-    if not isinstance(logit_weights, Tensor) or tuple(logit_weights.shape) != (A.shape[0],):
-        got = tuple(logit_weights.shape) if isinstance(logit_weights, Tensor) else type(logit_weights).__name__
-        raise VpdError(f"`logit_weights` must have shape ({A.shape[0]},) to match `A`; got {got}.")
-    return _series(A_hat, logit_weights.to(A.dtype))
-
-
-def _cutoff(scores: Tensor, threshold: float) -> Tensor:
+def cutoff(scores: Tensor, threshold: float) -> Tensor:
     """The smallest score kept when keeping the top scores up to a cumulative `threshold` share."""
     ranked = torch.sort(scores.flatten(), descending=True).values
     n_positive = int((ranked > 0).sum())
@@ -133,79 +56,14 @@ def _cutoff(scores: Tensor, threshold: float) -> Tensor:
     return ranked[min(i, n_positive - 1)]
 
 
-def _drop_dangling(node_mask: Tensor, edge_mask: Tensor, is_comp: Tensor, is_delta: Tensor) -> None:
-    """Step 6, in place on the masks: repeat until no comp/delta node lacks outputs or comp lacks inputs."""
-    while True:
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
-        has_out = edge_mask.any(dim=0)
-        has_in = edge_mask.any(dim=1)
-        keep = node_mask & ~((is_comp | is_delta) & ~has_out) & ~(is_comp & ~has_in)
-        if torch.equal(keep, node_mask):
-            return
-        node_mask &= keep
-
-
-def _kind_masks(kinds: Sequence[str], n: int) -> dict[str, Tensor]:
+def kind_masks(kinds: Sequence[str], n: int) -> dict[str, Tensor]:
+    """Kind → bool (n,) mask from a per-node list of kinds (each one of `KINDS`)."""
     if len(kinds) != n:
         raise VpdError(f"`kinds` must have one entry per node of `A` ({n}); got {len(kinds)}.")
-    bad = sorted({str(k) for k in kinds if k not in _KINDS})
+    bad = sorted({str(k) for k in kinds if k not in KINDS})
     if bad:
-        raise VpdError(f"`kinds` holds {', '.join(bad[:5])}; each entry must be one of {', '.join(_KINDS)}.")
-    return {k: torch.tensor([kind == k for kind in kinds], dtype=torch.bool) for k in _KINDS}
-
-
-def influence_prune(
-    A: Tensor,
-    kinds: Sequence[str],
-    logit_probs: Tensor,
-    *,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-) -> PruneMasks:
-    """Influence pruning, steps 1–7 of the module docstring.
-
-    Args:
-        A: Signed adjacency A[target, source], shape (n, n). Not modified.
-        kinds: The kind of each node ("comp", "emb", "logit" or "delta"), length n.
-        logit_probs: Probability of each logit node, in node order, shape (number of logits,).
-        node_threshold: Cumulative influence share of the nodes to keep, in [0, 1].
-        edge_threshold: Cumulative score share of the edges to keep, in [0, 1].
-
-    Returns:
-        The node and edge masks and the unpruned influence.
-
-    Raises:
-        VpdError: If a threshold is outside [0, 1], the shapes or kinds are invalid, or A has a cycle.
-    """
-    _check_threshold("node_threshold", node_threshold)
-    _check_threshold("edge_threshold", edge_threshold)
-    _check_square(A)
-    n = A.shape[0]
-    masks = _kind_masks(kinds, n)
-    is_logit = masks["logit"]
-    n_logits = int(is_logit.sum())
-    if not isinstance(logit_probs, Tensor) or tuple(logit_probs.shape) != (n_logits,):
-        got = tuple(logit_probs.shape) if isinstance(logit_probs, Tensor) else type(logit_probs).__name__
-        raise VpdError(f"`logit_probs` must have shape ({n_logits},), one per logit node in `kinds`; got {got}.")
-    A = A.detach()
-    masks = {k: m.to(A.device) for k, m in masks.items()}
-    is_logit = masks["logit"]
-    w = torch.zeros(n, dtype=A.dtype, device=A.device)
-    w[is_logit] = logit_probs.detach().to(A.device, A.dtype)
-
-    node_influence = influence(A, w)
-    node_mask = node_influence >= _cutoff(node_influence, node_threshold)
-    node_mask |= masks["emb"] | is_logit
-
-    pruned = A.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    pruned_hat = normalized_abs(pruned)
-    edge_scores = pruned_hat * (_series(pruned_hat, w) + w)[:, None]
-    edge_mask = (edge_scores >= _cutoff(edge_scores, edge_threshold)) & (pruned_hat > 0)
-
-    _drop_dangling(node_mask, edge_mask, masks["comp"], masks["delta"])
-    return PruneMasks(node_mask, edge_mask, node_influence)
+        raise VpdError(f"`kinds` holds {', '.join(bad[:5])}; each entry must be one of {', '.join(KINDS)}.")
+    return {k: torch.tensor([kind == k for kind in kinds], dtype=torch.bool) for k in KINDS}
 
 
 class CooPruneMasks(NamedTuple):
@@ -223,7 +81,7 @@ class CooPruneMasks(NamedTuple):
 
 
 def coo_normalized_abs(n: int, targets: Tensor, weights: Tensor) -> Tensor:
-    """|w| of each edge divided by the |w| sum of its target's row (`normalized_abs` on COO edges)."""
+    """|w| of each edge divided by the |w| sum of its target's inputs (step 1); targets without inputs stay zero."""
     magnitude = weights.abs()
     row_sums = torch.zeros(n, dtype=magnitude.dtype, device=magnitude.device).index_add_(0, targets, magnitude)
     return magnitude / torch.where(row_sums > 0, row_sums, torch.ones_like(row_sums))[targets]
@@ -258,8 +116,8 @@ def prune_coo(
     kinds: Sequence[str] | dict[str, Tensor],
     logit_weights: Tensor,
     *,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
+    node_threshold: float = DEFAULTS.node_threshold,
+    edge_threshold: float = DEFAULTS.edge_threshold,
 ) -> CooPruneMasks:
     """Influence pruning (steps 1–7 of the module docstring) of a graph given as COO edges.
 
@@ -279,8 +137,8 @@ def prune_coo(
     Raises:
         VpdError: A threshold outside [0, 1], misaligned inputs, non-finite weights, or a cycle.
     """
-    _check_threshold("node_threshold", node_threshold)
-    _check_threshold("edge_threshold", edge_threshold)
+    check_threshold("node_threshold", node_threshold)
+    check_threshold("edge_threshold", edge_threshold)
     if not (targets.shape == sources.shape == weights.shape) or targets.ndim != 1:
         raise VpdError(
             f"`targets`, `sources` and `weights` must be 1-D and of one length; got {tuple(targets.shape)}, "
@@ -289,8 +147,8 @@ def prune_coo(
     if tuple(logit_weights.shape) != (n,):
         raise VpdError(f"`logit_weights` must have shape ({n},), one entry per node; got {tuple(logit_weights.shape)}.")
     device = weights.device
-    masks = kinds if isinstance(kinds, dict) else _kind_masks(kinds, n)
-    masks = {k: masks[k].to(device) for k in _KINDS}
+    masks = kinds if isinstance(kinds, dict) else kind_masks(kinds, n)
+    masks = {k: masks[k].to(device) for k in KINDS}
     weights = weights.detach().to(torch.float64)
     if not bool(torch.isfinite(weights).all()):
         raise VpdError("`weights` contains NaN or infinite entries; every edge weight must be finite.")
@@ -299,25 +157,33 @@ def prune_coo(
 
     a_hat = coo_normalized_abs(n, targets, weights)
     node_influence = coo_series(n, targets, sources, a_hat, w)
-    node_mask = node_influence >= _cutoff(node_influence, node_threshold)
+    node_mask = node_influence >= cutoff(node_influence, node_threshold)
     node_mask |= masks["emb"] | masks["logit"]
 
     # Step 4: edges touching a dropped node are zeroed, then the rows renormalised.
     inside = node_mask[targets] & node_mask[sources]
     pruned_hat = coo_normalized_abs(n, targets, torch.where(inside, weights, torch.zeros_like(weights)))
     edge_scores = pruned_hat * (coo_series(n, targets, sources, pruned_hat, w) + w)[targets]
-    edge_mask = (edge_scores >= _cutoff(edge_scores, edge_threshold)) & (pruned_hat > 0)
+    edge_mask = (edge_scores >= cutoff(edge_scores, edge_threshold)) & (pruned_hat > 0)
 
-    is_comp, is_delta = masks["comp"], masks["delta"]
-    while True:  # step 6
+    drop_dangling(node_mask, edge_mask, targets, sources, masks["comp"], masks["delta"])
+    return CooPruneMasks(node_mask, edge_mask, node_influence)
+
+
+def drop_dangling(
+    node_mask: Tensor, edge_mask: Tensor, targets: Tensor, sources: Tensor, is_comp: Tensor, is_delta: Tensor
+) -> None:
+    """Step 6, in place on the masks: until nothing changes, drop comp and delta nodes without a kept outgoing
+    edge and comp nodes without a kept incoming one (and the edges touching dropped nodes)."""
+    n = node_mask.numel()
+    while True:
         edge_mask &= node_mask[targets] & node_mask[sources]
-        has_out = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, sources[edge_mask], True)
-        has_in = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, targets[edge_mask], True)
+        has_out = torch.zeros(n, dtype=torch.bool, device=node_mask.device).index_fill_(0, sources[edge_mask], True)
+        has_in = torch.zeros(n, dtype=torch.bool, device=node_mask.device).index_fill_(0, targets[edge_mask], True)
         keep = node_mask & ~((is_comp | is_delta) & ~has_out) & ~(is_comp & ~has_in)
         if torch.equal(keep, node_mask):
-            break
+            return
         node_mask &= keep
-    return CooPruneMasks(node_mask, edge_mask, node_influence)
 
 
 def _check_digraph(G: nx.DiGraph) -> None:
@@ -340,8 +206,40 @@ def _with(G: nx.DiGraph, nodes: Sequence[Hashable], edges: Sequence[tuple[Hashab
     return H
 
 
+class _Coo(NamedTuple):
+    """A networkx graph as the COO form `prune_coo` reads: nodes in `list(G.nodes)` order, edges in `G.edges` order."""
+
+    nodes: list[Hashable]
+    edges: list[tuple[Hashable, Hashable]]
+    masks: dict[str, Tensor]
+    targets: Tensor
+    sources: Tensor
+
+
+def _coo(G: nx.DiGraph) -> _Coo:
+    _check_digraph(G)
+    nodes = list(G.nodes)
+    position = {v: i for i, v in enumerate(nodes)}
+    masks = kind_masks([str(_node_attr(G, v, "kind")) for v in nodes], len(nodes))
+    edges = list(G.edges)
+    targets = torch.tensor([position[v] for _, v in edges], dtype=torch.long)
+    sources = torch.tensor([position[u] for u, _ in edges], dtype=torch.long)
+    return _Coo(nodes, edges, masks, targets, sources)
+
+
+def _weights(G: nx.DiGraph, edges: list[tuple[Hashable, Hashable]], weight: str) -> Tensor:
+    for u, v in edges:
+        if weight not in G.edges[u, v]:
+            raise VpdError(f"Edge ({u!r}, {v!r}) of `G` has no {weight!r} attribute; check the `weight` argument.")
+    return torch.tensor([float(G.edges[e][weight]) for e in edges], dtype=torch.float64)
+
+
 def prune_graph(
-    G: nx.DiGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, weight: str = "weight"
+    G: nx.DiGraph,
+    *,
+    node_threshold: float = DEFAULTS.node_threshold,
+    edge_threshold: float = DEFAULTS.edge_threshold,
+    weight: str = "weight",
 ) -> nx.DiGraph:
     """Influence-prune a networkx graph; `prune_coo` on its edge list.
 
@@ -358,38 +256,50 @@ def prune_graph(
     Raises:
         VpdError: If `G` is not a DiGraph, an attribute is missing, a threshold is outside [0, 1], or G has a cycle.
     """
-    _check_digraph(G)
-    _check_threshold("node_threshold", node_threshold)
-    _check_threshold("edge_threshold", edge_threshold)
-    nodes = list(G.nodes)
-    position = {v: i for i, v in enumerate(nodes)}
-    kinds = [str(_node_attr(G, v, "kind")) for v in nodes]
-    logit_weights = torch.zeros(len(nodes), dtype=torch.float64)
-    for i, (v, k) in enumerate(zip(nodes, kinds, strict=True)):
-        if k == "logit":
-            logit_weights[i] = float(_node_attr(G, v, "prob"))
-    edges = list(G.edges(data=True))
-    for u, v, data in edges:
-        if weight not in data:
-            raise VpdError(f"Edge ({u!r}, {v!r}) of `G` has no {weight!r} attribute; check the `weight` argument.")
-    targets = torch.tensor([position[v] for _, v, _ in edges], dtype=torch.long)
-    sources = torch.tensor([position[u] for u, _, _ in edges], dtype=torch.long)
-    weights = torch.tensor([float(data[weight]) for *_, data in edges], dtype=torch.float64)
+    check_threshold("node_threshold", node_threshold)
+    check_threshold("edge_threshold", edge_threshold)
+    coo = _coo(G)
+    logit_weights = torch.zeros(len(coo.nodes), dtype=torch.float64)
+    for i in coo.masks["logit"].nonzero().squeeze(1).tolist():
+        logit_weights[i] = float(_node_attr(G, coo.nodes[i], "prob"))
     result = prune_coo(
-        len(nodes),
-        targets,
-        sources,
-        weights,
-        kinds,
+        len(coo.nodes),
+        coo.targets,
+        coo.sources,
+        _weights(G, coo.edges, weight),
+        coo.masks,
         logit_weights,
         node_threshold=node_threshold,
         edge_threshold=edge_threshold,
     )
-    kept = [v for v, keep in zip(nodes, result.node_mask.tolist(), strict=True) if keep]
-    H = _with(G, kept, [(u, v) for (u, v, _), keep in zip(edges, result.edge_mask.tolist(), strict=True) if keep])
-    for v in kept:
-        H.nodes[v]["influence"] = float(result.influence[position[v]])
+    kept = [v for v, keep in zip(coo.nodes, result.node_mask.tolist(), strict=True) if keep]
+    H = _with(G, kept, [e for e, keep in zip(coo.edges, result.edge_mask.tolist(), strict=True) if keep])
+    for i, keep in enumerate(result.node_mask.tolist()):
+        if keep:
+            H.nodes[coo.nodes[i]]["influence"] = float(result.influence[i])
     return H
+
+
+def graph_influence(G: nx.DiGraph, weight: str = "weight") -> dict[Hashable, float]:
+    """Each node's influence on the logits (step 2) for a networkx graph whose nodes carry none.
+
+    The logits weigh in with their `prob` (1 where missing), normalised to sum to one; non-finite weights
+    count as 0.
+
+    Raises:
+        VpdError: If `G` is not a DiGraph, a node has no `kind`, or G has a cycle.
+    """
+    coo = _coo(G)
+    w = torch.zeros(len(coo.nodes), dtype=torch.float64)
+    for i in coo.masks["logit"].nonzero().squeeze(1).tolist():
+        prob = G.nodes[coo.nodes[i]].get("prob", 1.0)
+        w[i] = max(float(prob), 0.0) if isinstance(prob, int | float) and math.isfinite(prob) else 0.0
+    w = w / (w.sum() if w.sum() > 0 else max(int(coo.masks["logit"].sum()), 1))
+    weights = torch.tensor([float(G.edges[e].get(weight, 0.0) or 0.0) for e in coo.edges], dtype=torch.float64)
+    weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
+    n = len(coo.nodes)
+    series = coo_series(n, coo.targets, coo.sources, coo_normalized_abs(n, coo.targets, weights), w)
+    return dict(zip(coo.nodes, series.tolist(), strict=True))
 
 
 def remove_dangling(G: nx.DiGraph) -> nx.DiGraph:
@@ -401,20 +311,13 @@ def remove_dangling(G: nx.DiGraph) -> nx.DiGraph:
     Raises:
         VpdError: If `G` is not a DiGraph or a node has no `kind` attribute.
     """
-    _check_digraph(G)
-    kinds = {v: _node_attr(G, v, "kind") for v in G.nodes}
-    alive = set(G.nodes)
-    changed = True
-    while changed:
-        dangling = {
-            v
-            for v in alive
-            if (kinds[v] in ("comp", "delta") and not any(s in alive for s in G.successors(v)))
-            or (kinds[v] == "comp" and not any(p in alive for p in G.predecessors(v)))
-        }
-        alive -= dangling
-        changed = bool(dangling)
-    return _with(G, [v for v in G.nodes if v in alive], [(u, v) for u, v in G.edges if u in alive and v in alive])
+    coo = _coo(G)
+    node_mask = torch.ones(len(coo.nodes), dtype=torch.bool)
+    edge_mask = torch.ones(len(coo.edges), dtype=torch.bool)
+    drop_dangling(node_mask, edge_mask, coo.targets, coo.sources, coo.masks["comp"], coo.masks["delta"])
+    keep = node_mask.tolist()
+    edges = [e for e, k in zip(coo.edges, edge_mask.tolist(), strict=True) if k]
+    return _with(G, [v for v, k in zip(coo.nodes, keep, strict=True) if k], edges)
 
 
 def ci_threshold(G: nx.DiGraph, tau: float) -> nx.DiGraph:
@@ -424,7 +327,7 @@ def ci_threshold(G: nx.DiGraph, tau: float) -> nx.DiGraph:
         VpdError: If `tau` is outside [0, 1], `G` is not a DiGraph, or a comp node has no `ci` attribute.
     """
     _check_digraph(G)
-    _check_threshold("tau", tau)
+    check_threshold("tau", tau)
     keep = [v for v in G.nodes if _node_attr(G, v, "kind") != "comp" or float(_node_attr(G, v, "ci")) > tau]
     kept = set(keep)
     return remove_dangling(_with(G, keep, [(u, v) for u, v in G.edges if u in kept and v in kept]))

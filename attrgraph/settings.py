@@ -119,6 +119,9 @@ class GraphSettings(BaseModel):
         )
 
 
+DEFAULTS = GraphSettings()  # every default in one instance, for the functions below `attribute_prompt`
+
+
 def optimize_settings(base: OptimizeSettings | None = None, **values: object) -> OptimizeSettings:
     """`OptimizeSettings` with `values` over `base` (default: the defaults).
 
@@ -152,6 +155,6 @@ def graph_settings(base: GraphSettings | None = None, **values: object) -> Graph
             none = " (or none for no budget)" if name == "max_nodes" else ""
             raise VpdError(
                 f"`{name}` must be a positive integer{none}; got {first.get('input')!r}. Pass e.g. "
-                f"{DEFAULT_MAX_NODES if name == 'max_nodes' else 16}."
+                f"{getattr(DEFAULTS, name)}."
             ) from None
         raise VpdError(_first_error(err)) from None

@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from attrgraph.edges import attribute, attribute_reference
+from attrgraph.edges import attribute
 from attrgraph.pipeline import attribute_prompt
+from attrgraph.reference import attribute_reference
 from decomposer.target.loading import load_target
 from decomposer.vpd.config import load_decompose_config
 from decomposer.vpd.run import Decomposition, load_decomposition

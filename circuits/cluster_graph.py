@@ -32,7 +32,7 @@ def group_graph(G: nx.DiGraph, mapping: Mapping[str, int], *, weight: str = "wei
     the result may have cycles.
 
     Args:
-        G: An attribution graph (`attrgraph.graph.build_graph`); not modified.
+        G: An attribution graph (`PromptGraph.pruned`, or any graph in the `attrgraph.export` convention); not modified.
         mapping: Component key → cluster id, e.g. `Clustering.mapping` or `load_clusters(...)["mapping"]`.
         weight: Name of the edge-weight attribute.
 

@@ -53,7 +53,7 @@ import networkx as nx
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edge_table import KINDS
+from attrgraph.nodes import KINDS
 from attrgraph.pipeline import PromptGraph
 from attrgraph.settings import L_MIN, GraphSettings
 from circuits.clustering import component_key

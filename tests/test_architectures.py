@@ -400,8 +400,8 @@ def test_static_strengths_agree_with_the_prompts_pairs(family):
 
 
 def test_traced_layer_pairs_follow_the_blocks(family):
-    """Which layers feed which (attrgraph.pairs): v → o inside a block, MLP in → out, the last writers → logits."""
-    from attrgraph.pairs import EMB, LOGIT, trace_layer_pairs
+    """Which layers feed which (`trace_layer_pairs`): v → o inside a block, MLP in → out, the last writers → logits."""
+    from attrgraph.reference import EMB, LOGIT, trace_layer_pairs
 
     name, d, _, _ = family
     with _float64_throughout():

@@ -11,9 +11,10 @@ from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
 from attrgraph.edge_table import Attribution
-from attrgraph.edges import attribute, attribute_reference
+from attrgraph.edges import attribute
 from attrgraph.leaves import direct_effect_leaves
 from attrgraph.nodes import NodeId, module_short_name
+from attrgraph.reference import attribute_reference
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from tests.conftest import finite_difference_edge, float64_decomposition, tiny_llama

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from attrgraph.export import from_node_link, to_node_link
-from attrgraph.graph import build_graph
 from attrgraph.nodes import NodeId, module_short_name
+from attrgraph.reference import build_graph
 from attrgraph.render import render_html
 from decomposer.errors import VpdError
 from decomposer.vpd.config import DecomposeConfig

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from attrgraph.artifact import load_full_graph, tensors_path
-from attrgraph.edge_table import KINDS
 from attrgraph.edges import attribute
-from attrgraph.graph import build_graph
+from attrgraph.nodes import KINDS
 from attrgraph.pipeline import FILES, attribute_prompt
-from attrgraph.prune import influence_prune, prune_graph
+from attrgraph.prune import prune_graph
+from attrgraph.reference import build_graph, influence_prune
 from attrgraph.settings import L_MIN, GraphSettings, graph_settings
 from circuits.cli import main
 from decomposer.errors import ArtifactFormatError, VpdError

@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
-from attrgraph.prune import (
-    ci_threshold,
-    influence,
-    influence_prune,
-    normalized_abs,
-    prune_coo,
-    prune_graph,
-    remove_dangling,
-    top_k_edges,
-)
+from attrgraph.prune import ci_threshold, prune_coo, prune_graph, remove_dangling, top_k_edges
+from attrgraph.reference import influence, influence_prune, normalized_abs
 from decomposer.errors import VpdError
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrgraph.pairs import trace_layer_pairs
+from attrgraph.reference import trace_layer_pairs
 from tests.conftest import float64_decomposition, tiny_llama
 
 MODULES = [

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import networkx as nx
 import pytest
 
-from attrgraph.explorer.payload import MIN_COLUMN, NODE_GAP, explorer_payload, fallback_influence
+from attrgraph.explorer.payload import MIN_COLUMN, NODE_GAP, explorer_payload
 from attrgraph.export import (
     from_node_link,
     load_graph_json,
@@ -20,6 +20,7 @@ from attrgraph.export import (
     to_circuit_tracer,
     to_node_link,
 )
+from attrgraph.prune import graph_influence
 from attrgraph.render import render_html, render_png, render_svg
 from decomposer.errors import ArtifactFormatError, VpdError
 
@@ -306,13 +307,13 @@ def test_explorer_columns_fit_their_busiest_cell(graph):
     assert 2 * MIN_COLUMN < cell[0]["x"] and cell[-1]["x"] < 2 * MIN_COLUMN + busy  # inside column 2
 
 
-def test_fallback_influence_sums_every_path_to_the_logits(graph):
+def test_graph_influence_sums_every_path_to_the_logits(graph):
     """Without node influence the explorer computes w^T((I - A)^-1 - I), A the row-normalised |weights|."""
     import numpy as np
 
     for _, attrs in graph.nodes(data=True):
         attrs.pop("influence", None)
-    got = fallback_influence(graph)
+    got = graph_influence(graph)
     order = list(graph.nodes)
     A = np.abs(nx.to_numpy_array(graph, nodelist=order, weight="weight")).T  # A[target, source]
     A = A / np.where(A.sum(1, keepdims=True) > 0, A.sum(1, keepdims=True), 1.0)

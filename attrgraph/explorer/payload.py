@@ -16,6 +16,8 @@ import networkx as nx
 
 from attrgraph.examples import cards_for
 from attrgraph.labels import component_key
+from attrgraph.nodes import SUBLAYER_ORDER, SUBLAYER_PART
+from attrgraph.prune import graph_influence
 from decomposer.errors import VpdError
 
 PAYLOAD_VERSION = 1
@@ -25,19 +27,6 @@ MIN_COLUMN = 96.0  # a column never narrower than this, so a token fits under it
 MAX_DRAWN_EDGES = 2000  # edges the first view draws at most
 CONTEXTS_PER_CARD = 10  # activating contexts a node's dashboard shows
 
-# Matrix order inside a block, bottom to top, as the residual stream meets them.
-SUBLAYER_ORDER = {"q": 0, "k": 1, "v": 2, "qkv": 3, "o": 4, "gate": 5, "up": 6, "gate_up": 7, "down": 8}
-_PART = {
-    "q": "attn",
-    "k": "attn",
-    "v": "attn",
-    "qkv": "attn",
-    "o": "attn",
-    "gate": "mlp",
-    "up": "mlp",
-    "gate_up": "mlp",
-    "down": "mlp",
-}
 MAX_MATRIX_ROWS = 40  # above this many matrix rows, the first view shows one row per block
 
 
@@ -62,31 +51,6 @@ def _json_native(value: Any) -> Any:
     return str(value)
 
 
-def fallback_influence(G: nx.DiGraph) -> dict[str, float]:
-    """Influence on the logits by circuit-tracer's rule, for graphs whose nodes carry none.
-
-    Each node's incoming |weights| are normalised to sum to one (A), the logits weigh in with their
-    probability (w, normalised), and a node's influence is w^T (A + A² + …) at that node: the sum
-    over all paths to the logits. One pass in reverse topological order; cycles are refused.
-    """
-    if not nx.is_directed_acyclic_graph(G):
-        raise VpdError("`G` has a cycle; attribution graphs are acyclic, so influence cannot be computed.")
-    incoming = {v: sum(abs(_finite(w)) for _, _, w in G.in_edges(v, data="weight", default=0.0)) for v in G}
-    logits = [n for n, k in G.nodes(data="kind") if k == "logit"]
-    probs = {n: max(_finite(G.nodes[n].get("prob", 1.0)), 0.0) for n in logits}
-    total = sum(probs.values()) or float(len(logits)) or 1.0
-    reach: dict[str, float] = {}  # w + influence: what a node passes to its sources
-    influence: dict[str, float] = {}
-    for u in reversed(list(nx.topological_sort(G))):
-        infl = 0.0
-        for _, v, w in G.out_edges(u, data="weight", default=0.0):
-            if incoming[v] > 0:
-                infl += abs(_finite(w)) / incoming[v] * reach[v]
-        influence[u] = infl
-        reach[u] = infl + (probs.get(u, 1.0) / total if u in probs else 0.0)
-    return influence
-
-
 def _cumulative(values: list[float]) -> list[float]:
     """Exclusive prefix sums: where each column starts."""
     out, total = [], 0.0
@@ -105,7 +69,8 @@ def _row_of(a: Mapping[str, Any]) -> tuple[tuple, str]:
         return (2,), "Logits"
     block, sub = a.get("block"), a.get("sublayer")
     if block is not None and sub is not None:
-        return (1, int(block), SUBLAYER_ORDER.get(str(sub), 99), str(sub)), f"L{int(block)} {_PART.get(sub, '')} {sub}"
+        name = f"L{int(block)} {SUBLAYER_PART.get(sub, '')} {sub}"
+        return (1, int(block), SUBLAYER_ORDER.get(str(sub), 99), str(sub)), name
     module = str(a.get("module") or kind)
     return (1, math.inf, int(a.get("row", 0)), module), module
 
@@ -246,7 +211,7 @@ def explorer_payload(
                 )
     # The pipeline's influence where a node has it; the same rule computed from the edges elsewhere.
     given = {n: a.get("influence") for n, a in G.nodes(data=True)}
-    computed = fallback_influence(G) if any(v is None for v in given.values()) else {}
+    computed = graph_influence(G) if any(v is None for v in given.values()) else {}
     influence = {n: _finite(v) if v is not None else computed[n] for n, v in given.items()}
     tokens = [str(t) for t in G.graph.get("prompt_tokens", [])]
     n_cols = max([len(tokens)] + [int(a["pos"]) + 1 for _, a in G.nodes(data=True)] + [1])
