@@ -1,4 +1,4 @@
-"""Attribution-graph edges between VPD subcomponents (attribution-graphs.md §1–§2).
+"""Attribution-graph edges between VPD subcomponents (docs/attribution-graphs.md §1–§2).
 
 Orientation, stated once: nodes are held in one order (`EdgeTable`, `Attribution.nodes`), and edges
 run A[target, source] over indices into it (circuit-tracer's orientation), as COO (`EdgeTable.targets`,

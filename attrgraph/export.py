@@ -1,6 +1,6 @@
 """Export attribution graphs: node-link JSON (the round-trippable form) and circuit-tracer JSON.
 
-Every function here reads an `nx.DiGraph` in one convention (attribution-graphs.md §8):
+Every function here reads an `nx.DiGraph` in one convention (docs/attribution-graphs.md §8):
 
 - Node ids are canonical strings: `comp/{module}/{c}@{t}`, `emb@{t}`, `logit/{token_id}@{t}` and
   `delta/{module}@{t}`.

@@ -1,4 +1,4 @@
-"""The direct-effect cut of one forward (attribution-graphs.md §2): leaves at the alive subcomponents.
+"""The direct-effect cut of one forward (docs/attribution-graphs.md §2): leaves at the alive subcomponents.
 
 `direct_effect_leaves` makes every decomposed module feed downstream `a_dead @ U + Σ_j leaf_j u_{c_j} +
 delta_leaf (+ bias)`, with detached leaves at the alive (t, c) entries only and at x Δᵀ, and the input

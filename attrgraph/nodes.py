@@ -1,6 +1,6 @@
 """Typed node identity for attribution graphs, its canonical string form, labels and grid rows.
 
-Canonical ids (attribution-graphs.md §8), one per node kind:
+Canonical ids (docs/attribution-graphs.md §8), one per node kind:
 
 | kind    | string form              | example                                      |
 |---------|--------------------------|----------------------------------------------|

@@ -1,9 +1,9 @@
-"""Per-prompt CI optimisation and the three-number faithfulness report (attribution-graphs.md §4, §5).
+"""Per-prompt CI optimisation and the three-number faithfulness report (docs/attribution-graphs.md §4, §5).
 
 `optimize_ci` re-optimises the causal importances of one prompt so that few subcomponents keep the
 label y* at t*. Only the entries alive on the prompt (base CI g > 0) get a parameter φ, initialised
 from the CI network's pre-activation z; every other entry is fixed at CI 0. Masks use
-g̃ = σ_lower(φ), minimality uses g̃_up = σ_upper(φ) (method.md §5.3).
+g̃ = σ_lower(φ), minimality uses g̃_up = σ_upper(φ) (docs/method.md §5.3).
 
 `faithfulness` reports P(y*) under the unmodified model and under three mask modes on a given g̃:
 CI (m = g̃, Δ off), stochastic (mean over draws of m ~ U(g̃, 1), Δ ~ U(0, 1)) and adversarial (PGD
@@ -106,7 +106,7 @@ def _masks(g: dict[str, Tensor], s: dict[str, Tensor]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class Sources:
-    """The sources of the stochastic and adversarial masks of one prompt (method.md §6).
+    """The sources of the stochastic and adversarial masks of one prompt (docs/method.md §6).
 
     Attributes:
         r: Path → (n, T, C) in [0, 1]: m = g + (1 − g)·r.

@@ -4,7 +4,7 @@
    that gives P(· at t*) and, unless a CI is given or optimised, the CI network's g.
 2. Refuse a graph whose estimated peak memory exceeds `max_memory_gb` (default: what is free now), naming
    the setting that lowers it.
-3. Optionally re-fit the CI on the prompt (attribution-graphs.md §4) and report faithfulness (§5).
+3. Optionally re-fit the CI on the prompt (docs/attribution-graphs.md §4) and report faithfulness (§5).
 4. Edges as tensors (`attrgraph.edges.attribute_edges`): with `max_nodes`, only the subcomponents of
    largest estimated influence get their incoming edges computed.
 5. Influence pruning on the tensors (`attrgraph.prune.prune_coo`), then networkx for the pruned graph only,

@@ -1,4 +1,4 @@
-"""Query/key pair interactions of one prompt: the exact split of attention scores (attribution-graphs.md §7).
+"""Query/key pair interactions of one prompt: the exact split of attention scores (docs/attribution-graphs.md §7).
 
 Notation: a q subcomponent c writes u_{Q,c} (row c of `U`, length H·d_head) with activation a_{Q,c}(t) = v_{Q,c}·x(t);
 u^h is the head-h slice `U[c, h*d_head:(h+1)*d_head]`. With GQA (H_kv < H key/value heads) query head h reads

@@ -1,4 +1,4 @@
-"""Every default of a prompt's attribution graph, in one frozen model (attribution-graphs.md §3–§6).
+"""Every default of a prompt's attribution graph, in one frozen model (docs/attribution-graphs.md §3–§6).
 
 `GraphSettings` is what `attrgraph.attribute_prompt` takes and what a graph stores under
 `G.graph["settings"]`. `OptimizeSettings` is what `attrgraph.optimize.optimize_ci` takes; the graph's
@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from decomposer.errors import VpdError
 
-L_MIN = {"adversarial": 0.09, "ci": 1.0, "stochastic": 0.09}  # paper values (attribution-graphs.md §4)
+L_MIN = {"adversarial": 0.09, "ci": 1.0, "stochastic": 0.09}  # paper values (docs/attribution-graphs.md §4)
 DEFAULT_MAX_NODES = 7500  # subcomponent nodes whose inputs are computed; circuit-tracer's default feature cap
 
 
 class OptimizeSettings(BaseModel):
-    """How one prompt's CI is re-optimised (attribution-graphs.md §4).
+    """How one prompt's CI is re-optimised (docs/attribution-graphs.md §4).
 
     Attributes:
         mode: Which loss: "adversarial" (type 1), "ci" (type 2) or "stochastic".

@@ -3,7 +3,7 @@
     python benchmarks/decompose_step.py [--shape bundled|paper|both] [--steps 6] [--batch-size B] [--seq-len T]
 
 "ours" is `Trainer.step` as shipped. "eager" is the same step with the three shortcuts it takes written
-back out as method.md states them plainly:
+back out as docs/method.md states them plainly:
 - each masked module computes a·m·U + δ·x(W − (VU)ᵀ)ᵀ, forming Δ and multiplying by it in every masked
   forward (stochastic, each PPGD ascent, adversarial) while the hooked module's own x Wᵀ goes unused;
   ours computes a·(m − δ)·U + δ·xWᵀ, so Δ is formed once per step (for L_Δ);
@@ -16,7 +16,7 @@ hits both; the script prints median step time, tokens/s and the ratio.
 
 Shapes: `bundled` is the bundled target with `configs/bundled-decomposition.yaml` (its C per
 matrix and CI transformer); `paper` is a random-weight 4-layer Llama with d_model 768 and MLP 3072
-with the paper's C per matrix and global CI transformer (method.md §3). On CUDA it also prints model
+with the paper's C per matrix and global CI transformer (docs/method.md §3). On CUDA it also prints model
 FLOPs utilisation: FLOPs of one step counted by `torch.utils.flop_counter` over the median step
 time, against a measured bf16 matmul peak.
 """
@@ -133,7 +133,7 @@ def run_shape(name: str, args: argparse.Namespace, device: torch.device) -> None
 
 
 def _plain_forward(self, x, mask=None, delta_mask=None, routing=None, *, target_out=None):
-    """method.md §4 written out directly: form Δ and multiply by it in every forward."""
+    """docs/method.md §4 written out directly: form Δ and multiply by it in every forward."""
     a = self.component_acts(x)
     if mask is not None:
         a = a * mask

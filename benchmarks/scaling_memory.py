@@ -2,9 +2,9 @@
 
 Pure arithmetic from the model shapes (no download): prints the table that docs/scaling.md quotes.
 
-C per matrix from the paper's ratios to d_model, rounded up to a multiple of 32 (method.md §3):
+C per matrix from the paper's ratios to d_model, rounded up to a multiple of 32 (docs/method.md §3):
 q, k 0.67×; v, o 1.33×; MLP in (gate and up) 4×; MLP out (down) 4.67×. U and V of a matrix hold
-C·(d_in + d_out) parameters. The CI network is the global bidirectional transformer of method.md §5.2:
+C·(d_in + d_out) parameters. The CI network is the global bidirectional transformer of docs/method.md §5.2:
 in-proj D → r (D = Σ d_in over the decomposed matrices), blocks of attention (4r²) and MLP (r → 4r → r),
 head r → Σ C. Training keeps fp32 parameters, fp32 gradients and AdamW's two fp32 moments: 16 bytes per
 trainable parameter, which FSDP2 shards over the ranks. Every rank also holds the frozen target (bf16) and

@@ -1,7 +1,7 @@
 """`vpd demo`: the princess graph on the bundled model and decomposition, built both ways.
 
 "The princess lost her crown." is read out after " lost", where the model must predict " her". The
-CI of that prompt is re-fitted twice (attribution-graphs.md §4): with adversarial pruning (type 1,
+CI of that prompt is re-fitted twice (docs/attribution-graphs.md §4): with adversarial pruning (type 1,
 λ 0.09) and CI-only (type 2, λ 1.0). Each result gets the faithfulness report of §5, its attribution
 graph, influence pruning, labels, q/k pairs, and JSON / HTML / PNG files. The comparison is the
 point: the CI-only graph keeps the label only under the one ablation pattern it was fitted to, and

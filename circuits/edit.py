@@ -1,4 +1,4 @@
-"""Model editing through one subcomponent (attribution-graphs.md §11).
+"""Model editing through one subcomponent (docs/attribution-graphs.md §11).
 
 1. Find a token-specific subcomponent c of a matrix that writes to the residual stream (an o or down
    projection): it fires (CI > τ) on most occurrences of the trigger tokens and rarely elsewhere
@@ -171,7 +171,7 @@ def edit_write_vector(
 
 @dataclass(frozen=True)
 class TokenSpecific:
-    """One candidate of `find_token_specific`; statistics follow attribution-graphs.md §10.
+    """One candidate of `find_token_specific`; statistics follow docs/attribution-graphs.md §10.
 
     Attributes:
         key: Short key, e.g. `2.mlp.down:17`.

@@ -1,4 +1,4 @@
-"""How far an edited model moved from its target (attribution-graphs.md §11).
+"""How far an edited model moved from its target (docs/attribution-graphs.md §11).
 
 Efficacy P(o) at the positions where the edited subcomponent fires, and KL(p_target ‖ p_edited) on the ±window
 tokens around them (D_KL,Surrounding) and on non-firing tokens across the text (D_KL,Global). Both the
@@ -18,7 +18,7 @@ from decomposer.errors import VpdError
 
 @dataclass(frozen=True)
 class EditMetrics:
-    """The three numbers of attribution-graphs.md §11, with the counts behind them.
+    """The three numbers of docs/attribution-graphs.md §11, with the counts behind them.
 
     Attributes:
         efficacy: Mean P_edited(o) at the firing positions.

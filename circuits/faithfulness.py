@@ -1,4 +1,5 @@
-"""How well a circuit alone carries a prediction: P(y*) and KL under the three mask modes of attribution-graphs.md §5.
+"""How well a circuit alone carries a prediction: P(y*) and KL under the three mask modes
+(docs/attribution-graphs.md §5).
 
 A circuit is a set of sites (subcomponent, optional position). With g the prompt's CI and g_c = g inside the
 circuit and 0 outside, the circuit is scored exactly as `attrgraph.optimize.faithfulness` scores a graph
@@ -35,7 +36,7 @@ from decomposer.vpd.run import Decomposition
 
 
 class PerMode(NamedTuple):
-    """One (B,) tensor per mask mode of attribution-graphs.md §5."""
+    """One (B,) tensor per mask mode of docs/attribution-graphs.md §5."""
 
     ci: Tensor
     stochastic: Tensor

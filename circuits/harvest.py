@@ -1,4 +1,4 @@
-"""Component interpretation statistics in one streamed pass over held-out tokens (attribution-graphs.md §10).
+"""Component interpretation statistics in one streamed pass over held-out tokens (docs/attribution-graphs.md §10).
 
 Subcomponents carry a flat index: the C subcomponents of `module_paths[0]`, then those of
 `module_paths[1]`, and so on. Over N tokens, with g the CI network's output on the clean target forward:

@@ -1,4 +1,4 @@
-"""Interventions on a decomposition: ablate, keep, rescale or replace subcomponents (attribution-graphs.md §3, §5).
+"""Interventions on a decomposition: ablate, keep, rescale or replace subcomponents (docs/attribution-graphs.md §3, §5).
 
 A *site* is subcomponent c of one decomposed matrix, at every position or at one position t. Strings name
 it by its `ComponentKey`, `{block}.{attn|mlp}.{matrix}:{c}` or `...:{c}@{t}` (e.g. `1.attn.q:31`,

@@ -1,4 +1,4 @@
-"""The LoRA baseline for a subcomponent edit (attribution-graphs.md §11), and the Pareto figure.
+"""The LoRA baseline for a subcomponent edit (docs/attribution-graphs.md §11), and the Pareto figure.
 
 A rank-r adapter ΔW = B A on the edited matrix is trained on n windows of held-out text (each a firing
 token ± 20) with loss

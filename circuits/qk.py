@@ -1,6 +1,6 @@
 """Static query/key analysis over a dataset: densities, static strengths, head norms, and a q ablation check.
 
-attribution-graphs.md §7. For q subcomponent c and k subcomponent c′ of one layer, query head h and
+docs/attribution-graphs.md §7. For q subcomponent c and k subcomponent c′ of one layer, query head h and
 offset τ = t − t′ ≥ 0:
 
     S(c, c′, τ, h) = (σ_Q ‖v_{Q,c}‖ u^h_{Q,c})ᵀ R_τ (σ_K ‖v_{K,c′}‖ u^h_{K,c′})
@@ -402,7 +402,7 @@ class AblationEffect:
 def ablation_attention_effect(d: Decomposition, ids: Tensor, q_key: str, *, max_offset: int = 8) -> AblationEffect:
     """Attention patterns per head of the q subcomponent's layer, with and without that subcomponent.
 
-    Ablation follows attribution-graphs.md §3: the subcomponent's mask is 0 at every position, every
+    Ablation follows docs/attribution-graphs.md §3: the subcomponent's mask is 0 at every position, every
     other mask of the matrix is 1 and its delta is on, so the weight is W − u_c v_cᵀ.
 
     Args:

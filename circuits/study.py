@@ -3,7 +3,7 @@
 For every prompt and every graph type, `run_study`
 
 1. resolves the read-out: t* is the last token, y* the given target or else the target model's top token;
-2. chooses the graph's CI (attribution-graphs.md §4):
+2. chooses the graph's CI (docs/attribution-graphs.md §4):
    - "ci": per-prompt CI-only optimisation (the paper's type 2, λ_min 1.0);
    - "adversarial": per-prompt adversarial optimisation (type 1, λ_min 0.09);
    - "network": the CI network's own values, no optimisation;

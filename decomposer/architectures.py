@@ -30,7 +30,7 @@ from decomposer.errors import VpdError
 Role = Literal["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
 ATTN_ROLES: tuple[str, ...] = ("q", "k", "v", "qkv", "o")  # the rest (gate, up, gate_up, down) are MLP roles
 
-# C per matrix as a multiple of d_model, the paper's ratios (method.md §3): q, k 0.67×; v, o 1.33×; MLP in
+# C per matrix as a multiple of d_model, the paper's ratios (docs/method.md §3): q, k 0.67×; v, o 1.33×; MLP in
 # 4×; MLP out 4.67×. A fused matrix holds several of these, so its C is their sum.
 PAPER_C_RATIOS: dict[str, float] = {
     "q": 0.67,

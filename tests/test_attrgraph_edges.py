@@ -1,4 +1,4 @@
-"""Attribution edges (attribution-graphs.md §2): exactness against finite differences, batching, positions."""
+"""Attribution edges (docs/attribution-graphs.md §2): exactness against finite differences, batching, positions."""
 
 from __future__ import annotations
 

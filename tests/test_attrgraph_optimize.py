@@ -1,4 +1,4 @@
-"""Per-prompt CI optimisation and the faithfulness report (attribution-graphs.md §4, §5)."""
+"""Per-prompt CI optimisation and the faithfulness report (docs/attribution-graphs.md §4, §5)."""
 
 from __future__ import annotations
 

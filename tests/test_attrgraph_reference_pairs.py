@@ -1,4 +1,4 @@
-"""Traced layer pairs (attribution-graphs.md §2.3) on a 2-block tiny Llama."""
+"""Traced layer pairs (docs/attribution-graphs.md §2.3) on a 2-block tiny Llama."""
 
 from __future__ import annotations
 

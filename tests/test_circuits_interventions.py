@@ -1,4 +1,4 @@
-"""Interventions on a decomposition (attribution-graphs.md §3, §5): each checked against a direct computation."""
+"""Interventions on a decomposition (docs/attribution-graphs.md §3, §5): each checked against a direct computation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The adversaries of method.md §8.3 and §10: source → mask maps, PPGD's Adam ascent and state, fresh PGD."""
+"""The adversaries of docs/method.md §8.3 and §10: source → mask maps, PPGD's Adam ascent and state, fresh PGD."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CI functions of method.md §5: shapes, the per-component `mlp`, bidirectional RoPE attention, init."""
+"""CI functions of docs/method.md §5: shapes, the per-component `mlp`, bidirectional RoPE attention, init."""
 
 from __future__ import annotations
 

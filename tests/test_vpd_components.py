@@ -1,4 +1,4 @@
-"""The component model: module selection, Conv1D reading, and the masked-forward invariants of method.md §4."""
+"""The component model: module selection, Conv1D reading, and the masked-forward invariants of docs/method.md §4."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ STEPS = 4
 
 
 def deterministic_config():
-    # Only deterministic losses (method.md §11): masks and routing are drawn per rank, so the stochastic
+    # Only deterministic losses (docs/method.md §11): masks and routing are drawn per rank, so the stochastic
     # and adversarial terms legitimately differ between one and two ranks.
     cfg = toy_config(steps=STEPS)
     return cfg.model_copy(

@@ -23,7 +23,7 @@ class _Stop(Exception):
 
 
 def deterministic_config():
-    # Only deterministic losses: masks, routing and adversaries are drawn per rank (method.md §11).
+    # Only deterministic losses: masks, routing and adversaries are drawn per rank (docs/method.md §11).
     cfg = toy_config(steps=4)
     return cfg.model_copy(
         update={

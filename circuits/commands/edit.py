@@ -22,7 +22,8 @@ DEFAULT_SWEEP = "0,1,2,3,5"
 
 def register(sub: argparse._SubParsersAction) -> None:
     edit = sub.add_parser(
-        "edit", help="edit one subcomponent's write vector toward a token (attribution-graphs.md §11); save the model"
+        "edit",
+        help="edit one subcomponent's write vector toward a token (docs/attribution-graphs.md §11); save the model",
     )
     edit.add_argument("--run", required=True, help="decomposition run folder, or `bundled`")
     edit.add_argument("--component", required=True, help="the subcomponent, e.g. 2.mlp.down:17 (an o or down matrix)")

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--optimize",
         choices=("none", "adversarial", "ci", "stochastic"),
         default="none",
-        help="re-fit CI on the prompt first (attribution-graphs.md §4); `adversarial` is the faithful kind",
+        help="re-fit CI on the prompt first (docs/attribution-graphs.md §4); `adversarial` is the faithful kind",
     )
     graph.add_argument("--steps", type=int, default=None, help="steps of the per-prompt CI optimisation (2000)")
     graph.add_argument("--l-min", type=float, default=None, help="minimality coefficient (default 0.09, ci: 1.0)")

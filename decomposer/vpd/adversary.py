@@ -1,7 +1,7 @@
 """The adversaries of the adversarial reconstruction loss: persistent PGD [VPD] and fresh PGD [SPD].
 
 Both pick *sources* s ∈ [0, 1]^(C+1) per matrix, inside the box the causal importance g allows
-(method.md §6, §8.3):
+(docs/method.md §6, §8.3):
 
     m   = g + (1 − g) · s[..., :C]
     m_Δ = s[..., C]
@@ -75,7 +75,7 @@ def _grad_list(loss: Tensor, sources: list[Tensor]) -> list[Tensor]:
 
 
 class PersistentPGD:
-    """[VPD] persistent per-slot adversarial sources, updated by Adam ascent (method.md §8.3).
+    """[VPD] persistent per-slot adversarial sources, updated by Adam ascent (docs/method.md §8.3).
 
     A source belongs to a batch slot (b, t), not to a datapoint. The first batch fixes its shape, and a
     batch of any other shape is an error: drop the last incomplete batch instead. The sources are

@@ -3,7 +3,7 @@
 Every CI function is a `CIFunction`: `forward(xs, acts)` takes, per decomposed module path, that
 module's input x from the clean target forward ((batch, seq, d_in), or (batch, d_in) for toy models)
 and its subcomponent activations a = x V, and returns path → z of shape (..., C). The caller
-computes `acts` with gradient into V; only the [SPD] `mlp` kind reads them (method.md §5).
+computes `acts` with gradient into V; only the [SPD] `mlp` kind reads them (docs/method.md §5).
 
 - `PerMatrixCI` [SPD] (§5.1): one `PerMatrixMLP` per matrix, of kind `mlp`, `vector_mlp` or `shared_mlp`.
 - `GlobalCITransformer` [VPD] (§5.2): one bidirectional transformer over the concatenation of all
@@ -80,7 +80,7 @@ class CIFunction(nn.Module):
 
 
 class PerMatrixMLP(nn.Module):
-    """[SPD] CI network of one matrix (method.md §5.1), with GELU hidden activations.
+    """[SPD] CI network of one matrix (docs/method.md §5.1), with GELU hidden activations.
 
     - `mlp`: a scalar MLP 1 → h → 1 per component on a_c; w_in (C, 1, h), w_out (C, h, 1).
     - `vector_mlp`: an MLP d_in → h → 1 per component on x; w_in (C, d_in, h), w_out (C, h, 1).
@@ -133,7 +133,7 @@ class PerMatrixMLP(nn.Module):
 
 
 class PerMatrixCI(CIFunction):
-    """[SPD] One `PerMatrixMLP` per decomposed matrix (method.md §5.1).
+    """[SPD] One `PerMatrixMLP` per decomposed matrix (docs/method.md §5.1).
 
     Args:
         kind: The per-matrix network, see `PerMatrixMLP`.
@@ -202,14 +202,14 @@ class _Block(nn.Module):
         x = _rms(h)
         q, k, v = (lin(x).view(B, T, self.n_heads, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin  # (B, H, T, hd)
-        # No mask: CI at position t may read later tokens (method.md §5.2).
+        # No mask: CI at position t may read later tokens (docs/method.md §5.2).
         y = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # (B, H, T, hd)
         h = h + self.o(y.transpose(1, 2).reshape(B, T, D))
         return h + self.fc_out(F.gelu(self.fc_in(_rms(h))))
 
 
 class GlobalCITransformer(CIFunction):
-    """[VPD] One bidirectional transformer predicting z for every matrix at every position (method.md §5.2).
+    """[VPD] One bidirectional transformer predicting z for every matrix at every position (docs/method.md §5.2).
 
     Each module input is RMS-normed separately (no parameters), the results are concatenated in
     `input_order` (width D = Σ d_in), projected to d_model, run through `n_blocks` pre-norm blocks, and
@@ -339,7 +339,7 @@ def causal_importance(
     sigmoid: Literal["vpd", "spd"] = "vpd",
     alpha: float = DEFAULT_ALPHA,
 ) -> CausalImportance:
-    """Run `ci_fn` and apply both hard sigmoids of method.md §5.3 to each z.
+    """Run `ci_fn` and apply both hard sigmoids of docs/method.md §5.3 to each z.
 
     Args:
         ci_fn: A CI function.

@@ -1,7 +1,7 @@
 """The component model: a frozen target whose selected weight matrices run as V, U and a delta.
 
 For each decomposed module, with input x and weight W (d_out, d_in), the masked forward is
-(method.md §4):
+(docs/method.md §4):
 
     a    = x @ V                                   # (..., C)
     out  = (a * m) @ U                             # (..., d_out)
@@ -65,7 +65,7 @@ class LinearComponents(nn.Module):
         self.register_buffer("weight", weight.detach().to(dtype=dtype, copy=True).contiguous(), persistent=False)
         bias = None if bias is None else bias.detach().to(dtype=dtype, copy=True)
         self.register_buffer("bias", bias, persistent=False)
-        # method.md §4 [VPD] init: V ~ N(0, 1/d_in), U ~ N(0, 1/C). Draw on the generator's device, then move,
+        # docs/method.md §4 [VPD] init: V ~ N(0, 1/d_in), U ~ N(0, 1/C). Draw on the generator's device, then move,
         # so a CPU generator gives the same numbers whatever device the target lives on.
         gen_device = generator.device if generator is not None else weight.device
         V = torch.randn(d_in, C, generator=generator, device=gen_device, dtype=dtype) / math.sqrt(d_in)
@@ -110,7 +110,7 @@ class LinearComponents(nn.Module):
         *,
         target_out: Tensor | None = None,
     ) -> Tensor:
-        """The masked forward of method.md §4.
+        """The masked forward of docs/method.md §4.
 
         Args:
             x: Module input (..., d_in).

@@ -1,4 +1,4 @@
-"""Configuration of a VPD decomposition run. Paper values are the `paper` preset (method.md §3, §8, §9)."""
+"""Configuration of a VPD decomposition run. Paper values are the `paper` preset (docs/method.md §3, §8, §9)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class _Frozen(BaseModel):
 
 
 class CIConfig(_Frozen):
-    """The causal-importance function (method.md §5)."""
+    """The causal-importance function (docs/method.md §5)."""
 
     kind: Literal["global_transformer", "mlp", "vector_mlp", "shared_mlp"] = Field(
         "global_transformer", description="Global bidirectional transformer [VPD] or a per-matrix MLP [SPD]."
@@ -39,7 +39,7 @@ class CIConfig(_Frozen):
 
 
 class LossConfig(_Frozen):
-    """Loss coefficients and minimality settings (method.md §8)."""
+    """Loss coefficients and minimality settings (docs/method.md §8)."""
 
     faithfulness: NonNegative = Field(1e7, description="Coefficient of L_Δ, the MSE of W − Ŵ.")
     stochastic: NonNegative = Field(0.5, description="Coefficient of the stochastic subset reconstruction.")
@@ -59,7 +59,7 @@ class LossConfig(_Frozen):
 
 
 class AdversaryConfig(_Frozen):
-    """The adversary of the adversarial reconstruction loss (method.md §8.3)."""
+    """The adversary of the adversarial reconstruction loss (docs/method.md §8.3)."""
 
     kind: Literal["ppgd", "fresh_pgd", "none"] = Field("ppgd", description="Persistent PGD [VPD] or fresh PGD [SPD].")
     lr: float = Field(0.01, gt=0, description="PPGD Adam ascent lr after warm-up.")
@@ -73,7 +73,7 @@ class AdversaryConfig(_Frozen):
 
 
 class OptimConfig(_Frozen):
-    """AdamW over U, V and the CI function (method.md §9)."""
+    """AdamW over U, V and the CI function (docs/method.md §9)."""
 
     steps: PositiveInt = Field(1000, description="Main optimisation steps.")
     batch_size: PositiveInt = Field(32, description="Global batch (sequences); divided across ranks.")
@@ -104,7 +104,7 @@ class ReviveConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    """Evaluation cadence and the fresh shared-source PGD probe (method.md §10)."""
+    """Evaluation cadence and the fresh shared-source PGD probe (docs/method.md §10)."""
 
     every: PositiveInt = Field(200, description="Steps between evaluations.")
     batches: PositiveInt = Field(4, description="Held-out batches per evaluation.")
@@ -173,7 +173,7 @@ class DecomposeConfig(_Frozen):
 
 
 def paper_preset(**overrides) -> dict:
-    """The paper run's settings (method.md §3, §8, §9) as a config dict, for a GPT-style 4-layer target."""
+    """The paper run's settings (docs/method.md §3, §8, §9) as a config dict, for a GPT-style 4-layer target."""
     C = {"q_proj": 512, "k_proj": 512, "v_proj": 1024, "o_proj": 1024, "up_proj": 3072, "down_proj": 3584}
     config = {
         "modules": [{"pattern": f"model.layers.*.*.{name}", "C": c} for name, c in C.items()],

@@ -1,4 +1,4 @@
-"""Evaluation of a decomposition (method.md §10): CE and KL under masking modes, the fresh shared-source
+"""Evaluation of a decomposition (docs/method.md §10): CE and KL under masking modes, the fresh shared-source
 PGD probe, L0 and alive subcomponents.
 
 Deterministic modes use the same masks on every batch; stochastic ones draw from a generator seeded
@@ -24,7 +24,7 @@ ALIVE_THRESHOLD = 1e-6
 
 
 def mode_masks(mode: str, g: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-    """The masks of one evaluation mode (method.md §10 table)."""
+    """The masks of one evaluation mode (docs/method.md §10 table)."""
     if mode == "unmasked":
         return {p: torch.ones_like(g_l) for p, g_l in g.items()}
     if mode == "ci":

@@ -1,4 +1,4 @@
-"""Pure loss terms and schedules of the VPD objective (method.md §6–§9).
+"""Pure loss terms and schedules of the VPD objective (docs/method.md §6–§9).
 
 The coefficients that combine these terms live with the trainer; this module only computes them:
 
@@ -98,7 +98,7 @@ class MinimalityLosses(NamedTuple):
 
 
 def importance_minimality(g_up: Sequence[Tensor], p: float, eps: float) -> ImportanceMinimality:
-    """L_imp = Σ_l Σ_c f_c^l with f_c^l = Σ_positions (g_up^l + ε)^p / N_l (method.md §8.4).
+    """L_imp = Σ_l Σ_c f_c^l with f_c^l = Σ_positions (g_up^l + ε)^p / N_l (docs/method.md §8.4).
 
     Components are summed over all matrices without normalising by L, as upstream does. The gradient
     with respect to g_up is p(g_up + ε)^(p−1), finite whenever ε > 0; where g_up came from z ≤ 0,
@@ -234,7 +234,7 @@ def p_schedule(
 def cosine_lr(step: int, total_steps: int, lr0: float, final_frac: float = 0.1, warmup_steps: int = 0) -> float:
     """Learning rate at `step`: optional linear warm-up from 0, then cosine from lr0 down to final_frac·lr0.
 
-    Without warm-up this is lr0 · (f + (1 − f) · ½(1 + cos(π · step / (steps − 1)))) (method.md §9).
+    Without warm-up this is lr0 · (f + (1 − f) · ½(1 + cos(π · step / (steps − 1)))) (docs/method.md §9).
     With warm-up, step s < W gives lr0 · s / W and the cosine runs over the remaining steps, still
     ending at final_frac·lr0 on the last step.
 
@@ -263,7 +263,7 @@ def cosine_lr(step: int, total_steps: int, lr0: float, final_frac: float = 0.1, 
 
 
 def mask_from_sources(g: Tensor, r: Tensor) -> Tensor:
-    """Subcomponent mask m = g + (1 − g)·r: g = 1 pins it at 1, g = 0 leaves it free at r (method.md §6).
+    """Subcomponent mask m = g + (1 − g)·r: g = 1 pins it at 1, g = 0 leaves it free at r (docs/method.md §6).
 
     Args:
         g: Causal importance from `sigmoid_lower`, in [0, 1].

@@ -23,7 +23,7 @@ def resolve_run(run: str | Path) -> Path:
     return Path(run)
 
 
-FINAL_PGD_STEPS = (20, 40, 80)  # method.md's PGD probe; a config may add counts for its in-training evaluations
+FINAL_PGD_STEPS = (20, 40, 80)  # docs/method.md's PGD probe; a config may add counts for its in-training evaluations
 
 
 def evaluate_run(run: str | Path, *, n_batches: int | None = None, pgd_steps: Sequence[int] | None = None) -> dict:

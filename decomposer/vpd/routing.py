@@ -1,4 +1,4 @@
-"""Routing masks ρ: which decomposed modules are replaced at each position (method.md §6).
+"""Routing masks ρ: which decomposed modules are replaced at each position (docs/method.md §6).
 
 Every router returns a bool tensor of shape (L, B, T): ρ[l, b, t] is True where module l uses its
 masked components at position (b, t), and False where it uses the target weight on the current input.

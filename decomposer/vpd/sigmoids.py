@@ -1,4 +1,4 @@
-"""Leaky hard sigmoids that turn CI pre-activations z into causal importances (method.md §5.3).
+"""Leaky hard sigmoids that turn CI pre-activations z into causal importances (docs/method.md §5.3).
 
 Both functions read the same z:
 
@@ -78,7 +78,7 @@ def sigmoid_upper(z: Tensor, alpha: float = DEFAULT_ALPHA) -> Tensor:
     """Causal importance g_up for the minimality losses: clamp(z, 0, 1), leaking with slope α above 1.
 
     Built from `torch.where` rather than `clamp`, because clamp's gradient is 1 at z = 0 and the
-    minimality gradient must be exactly 0 for every z ≤ 0 (method.md §8.4).
+    minimality gradient must be exactly 0 for every z ≤ 0 (docs/method.md §8.4).
 
     Args:
         z: CI pre-activations, any shape.
@@ -98,7 +98,7 @@ def sigmoid_upper(z: Tensor, alpha: float = DEFAULT_ALPHA) -> Tensor:
 def sigmoid_lower_spd(z: Tensor, alpha: float = DEFAULT_ALPHA) -> Tensor:
     """[SPD] lower sigmoid: slope α below zero in the forward as well, clamped at 1 above.
 
-    Masks built from it can go slightly negative; VPD dropped it for that reason (method.md §5.3).
+    Masks built from it can go slightly negative; VPD dropped it for that reason (docs/method.md §5.3).
     Plain autograd: gradient α for z ≤ 0, 1 on (0, 1], 0 above 1.
 
     Args:

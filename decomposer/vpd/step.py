@@ -1,4 +1,4 @@
-"""One VPD training step (method.md §9.1).
+"""One VPD training step (docs/method.md §9.1).
 
 1. Clean target forward with every decomposed matrix's input cached; y* detached.
 2. CI from the cached inputs: g = σ_lower(z) gates masks, g_up = σ_upper(z) feeds minimality.
@@ -124,7 +124,7 @@ class Trainer:
         )
 
     def _shared_sources(self, g: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """Across ranks, shared PGD sources start equal: drawn on rank 0 and broadcast (method.md §11)."""
+        """Across ranks, shared PGD sources start equal: drawn on rank 0 and broadcast (docs/method.md §11)."""
         if self.broadcast is None:
             return None
         lead = (1,) * (next(iter(g.values())).ndim - 1)
@@ -154,7 +154,7 @@ class Trainer:
         return [None if s.grad is None else s.grad / coefficient for s in self.ppgd.source_list()]
 
     def step(self, batch: Tensor, step: int) -> StepLog:
-        """One optimiser step of every loss, in the order method.md lists them.
+        """One optimiser step of every loss, in the order docs/method.md lists them.
 
         Long on purpose: the four masked forwards, the adversary's sources and the loss sum share one graph
         and one backward, and reading them in one place is how the step is checked against the method.
@@ -247,7 +247,7 @@ class Trainer:
 
 
 def faithfulness_warmup(d: Decomposition, *, steps: int, lr: float, progress: bool = False) -> float:
-    """Minimise only L_Δ over U and V with a separate AdamW (method.md §4); the CI function is untouched."""
+    """Minimise only L_Δ over U and V with a separate AdamW (docs/method.md §4); the CI function is untouched."""
     from tqdm.auto import tqdm
 
     uv, _ = d.trainable_parameters()

@@ -1,7 +1,7 @@
 """Which weight matrices of a target are decomposed, and how their weights are read.
 
 Modules are chosen by `fnmatch` glob patterns over the paths that `model.named_modules()` yields,
-one C per pattern (method.md §2), or by `auto`: every attention and MLP matrix that the target's
+one C per pattern (docs/method.md §2), or by `auto`: every attention and MLP matrix that the target's
 architecture adapter names (`decomposer.architectures`), with C from the paper's ratios to d_model.
 A pattern without C also takes its matrices' ratios. Only `nn.Linear` and HF's `Conv1D` (GPT-2) are eligible. `Conv1D`
 stores its weight as (d_in, d_out), so `read_weight` transposes it explicitly to the nn.Linear

@@ -1,4 +1,4 @@
-"""Train a VPD decomposition: `decompose(config, out)` (method.md §4–§9, §11).
+"""Train a VPD decomposition: `decompose(config, out)` (docs/method.md §4–§9, §11).
 
 1. Load the target and build V, U per selected matrix and the CI function (same on every rank).
 2. Seed the per-rank RNG (masks, routing, adversary) as seed·world + rank.
