@@ -17,4 +17,5 @@ MODULES = (
     "cluster",
     "toy",
     "demo",
+    "serve",
 )
