@@ -1,5 +1,8 @@
 """One prompt's attribution graph, end to end: `attribute_prompt` → `PromptGraph`.
 
+Each phase is timed, logged (logger `attrgraph.pipeline`, INFO) and recorded in `PromptGraph.timings`
+under the names in `PHASES`.
+
 1. Resolve the prompt once: tokens (checked against the context), t*, y*, and one forward of the target
    that gives P(· at t*) and, unless a CI is given or optimised, the CI network's g.
 2. Refuse a graph whose estimated peak memory exceeds `max_memory_gb` (default: what is free now), naming
@@ -15,9 +18,12 @@ Every default lives in `GraphSettings`; every file name in `FILES`.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +123,21 @@ def check_memory(d: Decomposition, T: int, n_comp: int, settings: GraphSettings)
     return need
 
 
+log = logging.getLogger(__name__)
+
+# The phases of `attribute_prompt`, numbered as in the module docstring; `PromptGraph.timings` keys.
+PHASES = ("1 resolve", "2 memory", "3 ci", "4 edges", "5 prune")
+
+
+@contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Time one phase into `timings` and log it (logger `attrgraph.pipeline`, level INFO)."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    log.info("phase %s: %.3f s", name, timings[name])
+
+
 @dataclass
 class PromptGraph:
     """One prompt's graph: the read-out, its CI, the faithfulness report, the edge tensors and the pruned graph.
@@ -135,6 +156,7 @@ class PromptGraph:
         pruned: The pruned graph as a networkx DiGraph (the `attrgraph.export` convention).
         settings: The settings used.
         memory_estimate: The estimated peak bytes checked before the edges.
+        timings: Seconds spent in each phase (`PHASES`), as also logged.
     """
 
     prompt: str
@@ -152,6 +174,7 @@ class PromptGraph:
     settings: GraphSettings
     memory_estimate: int
     _context: dict
+    timings: dict[str, float] = field(default_factory=dict)
 
     def full_networkx(self) -> nx.DiGraph:
         """The unpruned graph as a DiGraph (large for long prompts); every node gets its `influence`."""
@@ -280,24 +303,67 @@ def attribute_prompt(
             out of range, or a graph whose estimated memory exceeds the limit.
     """
     from attrgraph.edge_nodes import choose_logit_tokens
-    from attrgraph.graph import check_prompt, count_blocks, table_to_networkx
+    from attrgraph.graph import check_prompt
     from attrgraph.qk import add_qk_pairs
 
-    ids, pos, label = check_prompt(d, tokenizer, prompt, target, position)
-    ids = ids[:, : pos + 1].to(d.model_device)
-    with torch.no_grad():
-        out, xs = d.model.forward_with_inputs(ids)
-        probs = out.logits[0, pos].double().softmax(-1).cpu()
-        network = {p: g[0] for p, g in d.causal_importance(xs)[0].items()}
-    del out, xs
+    timings: dict[str, float] = {}
+    with _phase(timings, PHASES[0]):
+        ids, pos, label = check_prompt(d, tokenizer, prompt, target, position)
+        ids = ids[:, : pos + 1].to(d.model_device)
+        with torch.no_grad():
+            out, xs = d.model.forward_with_inputs(ids)
+            probs = out.logits[0, pos].double().softmax(-1).cpu()
+            network = {p: g[0] for p, g in d.causal_importance(xs)[0].items()}
+        del out, xs
     if ci is None or settings.optimize != "none":
         ci = network  # an optimised CI is alive only where the network's is, so the estimate below bounds it
-    need = check_memory(d, pos + 1, sum(int((g[: pos + 1] > 0).sum()) for g in ci.values()), settings)
+    with _phase(timings, PHASES[1]):
+        need = check_memory(d, pos + 1, sum(int((g[: pos + 1] > 0).sum()) for g in ci.values()), settings)
     if label is None:
         label = int(probs.argmax())
-    ci, optimize_settings, report = _fit_ci(d, ids, pos, label, ci, settings, progress)
+    with _phase(timings, PHASES[2]):
+        ci, optimize_settings, report = _fit_ci(d, ids, pos, label, ci, settings, progress)
     readout = choose_logit_tokens(probs, label, settings)
-    table = attribute_edges(
+    with _phase(timings, PHASES[3]):
+        table = _edges(d, ids, pos, readout, probs, ci, settings, progress is True)
+    with _phase(timings, PHASES[4]):
+        masks, pruned, context = _prune(
+            d, tokenizer, prompt, ids, readout, table, settings, optimize_settings, report, labels
+        )
+        if settings.qk_top > 0:
+            pruned = add_qk_pairs(pruned, d, ids, top=settings.qk_top)
+    return PromptGraph(
+        prompt=prompt,
+        tokens=ids.cpu(),
+        prompt_tokens=context["prompt_tokens"],
+        target_pos=pos,
+        target_token=label,
+        target_text=tokenizer.decode([label]),
+        probs=probs,
+        ci={p: g.detach() for p, g in ci.items()},
+        report=report,
+        table=table,
+        masks=masks,
+        pruned=pruned,
+        settings=settings,
+        memory_estimate=need,
+        _context=context,
+        timings=timings,
+    )
+
+
+def _edges(
+    d: Decomposition,
+    ids: Tensor,
+    pos: int,
+    readout: list[int],
+    probs: Tensor,
+    ci: Mapping[str, Tensor],
+    settings: GraphSettings,
+    progress: bool,
+) -> EdgeTable:
+    """Phase 4: the edges of the chosen nodes, per `settings`."""
+    return attribute_edges(
         d,
         ids,
         target_pos=pos,
@@ -307,8 +373,25 @@ def attribute_prompt(
         weight_by_source_ci=settings.weight_by_source_ci,
         batch_size=settings.batch_size,
         max_nodes=settings.max_nodes,
-        progress=progress is True,
+        progress=progress,
     )
+
+
+def _prune(
+    d: Decomposition,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    ids: Tensor,
+    readout: list[int],
+    table: EdgeTable,
+    settings: GraphSettings,
+    optimize_settings: dict | None,
+    report: dict,
+    labels: Mapping[str, str] | None,
+) -> tuple[CooPruneMasks, nx.DiGraph, dict]:
+    """Phase 5: influence pruning on the tensors, then the pruned graph as networkx (and its labels' context)."""
+    from attrgraph.graph import count_blocks, table_to_networkx
+
     masks = prune_coo(
         table.n,
         table.targets,
@@ -334,25 +417,7 @@ def attribute_prompt(
     pruned = table_to_networkx(
         table, node_mask=masks.node_mask, edge_mask=masks.edge_mask, influence=masks.influence, **context
     )
-    if settings.qk_top > 0:
-        pruned = add_qk_pairs(pruned, d, ids, top=settings.qk_top)
-    return PromptGraph(
-        prompt=prompt,
-        tokens=ids.cpu(),
-        prompt_tokens=context["prompt_tokens"],
-        target_pos=pos,
-        target_token=label,
-        target_text=tokenizer.decode([label]),
-        probs=probs,
-        ci={p: g.detach() for p, g in ci.items()},
-        report=report,
-        table=table,
-        masks=masks,
-        pruned=pruned,
-        settings=settings,
-        memory_estimate=need,
-        _context=context,
-    )
+    return masks, pruned, context
 
 
-__all__ = ["FILES", "PromptGraph", "attribute_prompt", "check_memory", "estimate_peak_bytes"]
+__all__ = ["FILES", "PHASES", "PromptGraph", "attribute_prompt", "check_memory", "estimate_peak_bytes"]

@@ -209,8 +209,18 @@ def _llama_like(family: str, model_types: tuple[str, ...], *, qk_norm: bool = Fa
 _REGISTRY: dict[str, Architecture] = {}
 
 
-def register(arch: Architecture) -> Architecture:
-    """Add (or replace) a family; its `model_types` then resolve to it. Returns `arch`."""
+def register(arch: Architecture, *, replace: bool = False) -> Architecture:
+    """Add a family; its `model_types` then resolve to it. Returns `arch`.
+
+    Raises:
+        VpdError: A model type is registered already (to another family object) and `replace` is False.
+    """
+    taken = sorted(t for t in arch.model_types if t in _REGISTRY and _REGISTRY[t] is not arch)
+    if taken and not replace:
+        raise VpdError(
+            f"model_type {', '.join(map(repr, taken))} is registered already (family {_REGISTRY[taken[0]].family}); "
+            "pass replace=True to register(...) to replace it."
+        )
     for model_type in arch.model_types:
         _REGISTRY[model_type] = arch
     _matrix_role.cache_clear()

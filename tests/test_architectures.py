@@ -540,3 +540,15 @@ def test_readme_lists_every_family_and_its_add_a_family_example_works(monkeypatc
     chosen = select_modules(MyLM(), "auto")
     assert len(chosen) == 12 and chosen["model.blocks.1.ffn.w2"] == round(4.67 * 8)
     assert matrix_role("model.blocks.1.attn.wk") == (1, "attn", "k")
+
+
+def test_register_refuses_a_model_type_taken_by_another_family():
+    import dataclasses
+
+    from decomposer.architectures import architectures, register
+
+    llama = next(a for a in architectures() if "llama" in a.model_types)
+    clone = dataclasses.replace(llama, family="Llama again")
+    with pytest.raises(VpdError, match="registered already"):
+        register(clone)
+    assert register(llama) is llama  # the same family object again is harmless

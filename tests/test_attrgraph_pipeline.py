@@ -10,7 +10,7 @@ import torch
 from attrgraph.artifact import load_full_graph, tensors_path
 from attrgraph.edges import attribute
 from attrgraph.nodes import KINDS
-from attrgraph.pipeline import FILES, attribute_prompt
+from attrgraph.pipeline import FILES, PHASES, attribute_prompt
 from attrgraph.prune import prune_graph
 from attrgraph.reference import build_graph, influence_prune
 from attrgraph.settings import L_MIN, GraphSettings, graph_settings
@@ -148,3 +148,12 @@ def test_cli_prompt_past_the_context_is_one_sentence_and_exit_2(bundled, tmp_pat
     assert main(["graph", "--run", "bundled", "--prompt", "the " * (context + 8), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"longer than the model's context of {context}" in err and len(err.splitlines()) == 1
+
+
+def test_each_phase_is_timed_and_logged(bundled, caplog):
+    d, tok = bundled
+    with caplog.at_level("INFO", logger="attrgraph.pipeline"):
+        g = attribute_prompt(d, tok, "The princess lost", settings=GraphSettings(qk_top=0))
+    assert list(g.timings) == list(PHASES) and all(t >= 0 for t in g.timings.values())
+    logged = [r.getMessage() for r in caplog.records if r.name == "attrgraph.pipeline"]
+    assert [m.split(":")[0] for m in logged] == [f"phase {p}" for p in PHASES]
