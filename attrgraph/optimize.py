@@ -137,6 +137,7 @@ def pgd_sources(
     target_token: int,
     n_steps: int,
     step_size: float,
+    final_ce: bool = True,
 ) -> tuple[Sources, float]:
     """Sign-ascent PGD on CE(y*) over the sources of alive entries only, with g detached.
 
@@ -151,10 +152,12 @@ def pgd_sources(
         target_token: y*.
         n_steps: Sign steps.
         step_size: Size of each sign step; sources are clamped to [0, 1].
+        final_ce: Also evaluate the CE at the final sources (one more forward) for the largest CE seen; a
+            caller that evaluates them itself, as the per-prompt fit does, passes False.
 
     Returns:
         The final sources (detached; equal to `start.r` off `alive`, with `start.delta`) and the largest CE
-        seen at any iterate.
+        seen at any iterate (with `final_ce=False`, at the iterates before the last step).
     """
     g = {p: t.detach() for p, t in g.items()}
     s, delta = {p: t.detach().clone().requires_grad_(True) for p, t in start.r.items()}, start.delta
@@ -168,9 +171,10 @@ def pgd_sources(
         losses=seen,
     )
     s = {p: t.detach() for p, t in s.items()}
-    with torch.no_grad():
-        final = float(_ce(d, tokens, _masks(g, s), delta, target_pos, target_token).sum())
-    return Sources(s, delta), max([*seen, final])
+    if final_ce:
+        with torch.no_grad():
+            seen.append(float(_ce(d, tokens, _masks(g, s), delta, target_pos, target_token).sum()))
+    return Sources(s, delta), max(seen, default=float("nan"))
 
 
 def _frozen_components(fn: Callable) -> Callable:
@@ -211,9 +215,8 @@ def _ce_terms(
     if settings.mode == "ci":
         return [_ce(d, tokens, {k: v[None] for k, v in g.items()}, None, target_pos, target_token)[0]]
     draw = uniform_sources(g, gen)
-    ce_stoch = _ce(d, tokens, _masks(g, draw.r), draw.delta, target_pos, target_token)[0]
     if settings.mode == "stochastic":
-        return [ce_stoch]
+        return [_ce(d, tokens, _masks(g, draw.r), draw.delta, target_pos, target_token)[0]]
     # Alive sources start from this step's uniform draw; the rest keep it, held fixed.
     attacked, _ = pgd_sources(
         d,
@@ -225,8 +228,12 @@ def _ce_terms(
         target_token=target_token,
         n_steps=settings.pgd_steps,
         step_size=settings.pgd_step_size,
+        final_ce=False,  # the CE at the attacked sources is computed below, with gradient to g
     )
-    ce_adv = _ce(d, tokens, _masks(g, attacked.r), attacked.delta, target_pos, target_token)[0]
+    # The stochastic and the attacked masks in one batch of two: one forward instead of two.
+    sources = {p: torch.cat([draw.r[p], attacked.r[p]]) for p in g}
+    deltas = {p: torch.cat([draw.delta[p], attacked.delta[p]]) for p in g}
+    ce_stoch, ce_adv = _ce(d, tokens, _masks(g, sources), deltas, target_pos, target_token)
     return [0.5 * ce_stoch, 0.5 * ce_adv]
 
 
