@@ -16,9 +16,9 @@ directory). Everything here works on the model alone, without a decomposition:
 
 What this does not do: read the circuit in the model's *parameters*. A VPD decomposition of this model with
 `modules: auto` has 210 matrices, 288,060 subcomponents per position and 529M U, V parameters; training it
-holds about 12 GB of parameters, gradients and AdamW moments before activations
-(`decomposer.vpd.memory`, printed at the end) and takes tens of seconds per step on this CPU against tens
-of milliseconds on one H100 (docs/smollm2.md). **Decomposing this model needs a GPU.** With a
+holds about 13 GB of parameters, gradients and AdamW state before activations
+(`decomposer.vpd.memory`, printed at the end) and takes about 50 s per 256-token step on a 2-core CPU
+against a projected 12 ms on one H100 (docs/smollm2.md). **Decomposing this model needs a GPU.** With a
 decomposition, `vpd graph --run RUN --prompt "The princess lost" --target " her"` gives the graph the
 paper draws.
 """

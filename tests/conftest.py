@@ -11,6 +11,8 @@ import json
 import random
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from attrgraph.nodes import NodeId, module_short_name
 from attrgraph.settings import GraphSettings
 from decomposer.data.sources import SOURCES, Source, sha256_file
 
@@ -376,3 +379,61 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "--json", "--out", str(out)]) == 0
     return json.loads(printed.getvalue()), out
+
+
+# --- shared by the per-family tests and the real-scale ones --------------------------------------------
+
+
+@contextmanager
+def float64_throughout() -> Iterator[None]:
+    """Turn the float32 casts inside HF norms and eager softmaxes into no-ops for float64 tensors."""
+    to, float_, softmax = torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax
+
+    def keep_to(self: torch.Tensor, *args, **kwargs):
+        if self.dtype == torch.float64:
+            if args and args[0] is torch.float32:
+                args = (torch.float64, *args[1:])
+            if kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float64
+        return to(self, *args, **kwargs)
+
+    def keep_float(self: torch.Tensor, *args, **kwargs):
+        return self if self.dtype == torch.float64 else float_(self, *args, **kwargs)
+
+    def keep_softmax(x: torch.Tensor, *args, **kwargs):
+        if x.dtype == torch.float64:
+            kwargs.pop("dtype", None)
+        return softmax(x, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", keep_to)
+        mp.setattr(torch.Tensor, "float", keep_float)
+        mp.setattr(torch.nn.functional, "softmax", keep_softmax)
+        yield
+
+
+def _role(n: NodeId) -> tuple[int, str]:
+    block, _, role = module_short_name(n.module)
+    return block, role
+
+
+Pick = Callable[[NodeId, NodeId], bool]
+KEY = {"q", "k", "qkv"}
+EDGE_KINDS: dict[str, Pick] = {
+    "emb → comp": lambda s, t: s.kind == "emb" and t.kind == "comp",
+    "comp → comp, next block": lambda s, t: s.kind == t.kind == "comp" and _role(t)[0] == _role(s)[0] + 1,
+    "k → o across positions": lambda s, t: (
+        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in KEY - {"q"} and s.pos < t.pos
+    ),
+    "v → o across positions": lambda s, t: (
+        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in {"v", "qkv"} and s.pos < t.pos
+    ),
+    "q → o": lambda s, t: (
+        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in {"q", "qkv"} and s.pos == t.pos
+    ),
+    "MLP in → out": lambda s, t: s.kind == t.kind == "comp" and _role(s)[1] in {"up", "gate", "gate_up"},
+    "delta → comp": lambda s, t: s.kind == "delta" and t.kind == "comp",
+    "comp → logit": lambda s, t: s.kind == "comp" and t.kind == "logit",
+    "delta → logit": lambda s, t: s.kind == "delta" and t.kind == "logit",
+    "emb → logit": lambda s, t: s.kind == "emb" and t.kind == "logit",
+}

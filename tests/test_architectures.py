@@ -1,15 +1,13 @@
 """Every supported family on a random tiny model: the registry, `modules: auto`, exact masks, edges and q/k pairs.
 
 Models are built from transformers config classes (nothing is downloaded) and run in float64. Several HF
-families cast to float32 inside norms and the eager softmax; `_float64_throughout` keeps float64 so that
+families cast to float32 inside norms and the eager softmax; `float64_throughout` keeps float64 so that
 finite differences are clean to ~1e-8.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import networkx as nx
@@ -34,7 +32,7 @@ from decomposer.architectures import (
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.targets import AutoModules, ModuleSpec, select_modules
-from tests.conftest import finite_difference_edge, float64_decomposition
+from tests.conftest import EDGE_KINDS, finite_difference_edge, float64_decomposition, float64_throughout
 
 VOCAB, T, D = 40, 5, 16
 _IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "attn_implementation": "eager"}
@@ -131,41 +129,13 @@ def build(name: str, **extra) -> nn.Module:
 # --- float64 everywhere ---------------------------------------------------------------------------
 
 
-@contextmanager
-def _float64_throughout() -> Iterator[None]:
-    """Turn the float32 casts inside HF norms and eager softmaxes into no-ops for float64 tensors."""
-    to, float_, softmax = torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax
-
-    def keep_to(self: torch.Tensor, *args, **kwargs):
-        if self.dtype == torch.float64:
-            if args and args[0] is torch.float32:
-                args = (torch.float64, *args[1:])
-            if kwargs.get("dtype") is torch.float32:
-                kwargs["dtype"] = torch.float64
-        return to(self, *args, **kwargs)
-
-    def keep_float(self: torch.Tensor, *args, **kwargs):
-        return self if self.dtype == torch.float64 else float_(self, *args, **kwargs)
-
-    def keep_softmax(x: torch.Tensor, *args, **kwargs):
-        if x.dtype == torch.float64:
-            kwargs.pop("dtype", None)
-        return softmax(x, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.Tensor, "to", keep_to)
-        mp.setattr(torch.Tensor, "float", keep_float)
-        mp.setattr(torch.nn.functional, "softmax", keep_softmax)
-        yield
-
-
 # --- fixtures -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request) -> tuple[str, Decomposition, torch.Tensor, dict[str, torch.Tensor]]:
     name = request.param
-    with _float64_throughout():
+    with float64_throughout():
         d = float64_decomposition(build(name), AUTO)
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(1, VOCAB, (1, T), generator=gen)
@@ -267,7 +237,7 @@ def test_module_config_forms(modules, expected, tmp_path):
 
 def test_all_ones_masks_plus_delta_reproduce_the_logits(family):
     _, d, tokens, _ = family
-    with _float64_throughout(), torch.no_grad():
+    with float64_throughout(), torch.no_grad():
         clean = d.model.target(tokens).logits
         masks = {p: torch.ones(1, T, d.Cs[p], dtype=torch.float64) for p in d.module_paths}
         deltas = {p: torch.ones(1, T, dtype=torch.float64) for p in d.module_paths}
@@ -286,7 +256,7 @@ def test_ablating_a_subcomponent_equals_the_masked_forward(family):
     path = next(p for p in d.module_paths if module_short_name(p)[2] in ("up", "gate_up"))
     key = ".".join(map(str, module_short_name(path)))
     batch = torch.cat([tokens, tokens.flip(-1)])  # two rows, so a (B·T, d) input is not a (T, d) one
-    with _float64_throughout(), torch.no_grad():
+    with float64_throughout(), torch.no_grad():
         with intervene(d, Intervention(nodes=(f"{key}:1", f"{key}:2@3"), kind="zero")):
             ablated = d.model.target(batch).logits
         mask = torch.ones(2, T, d.Cs[path], dtype=torch.float64)
@@ -298,36 +268,9 @@ def test_ablating_a_subcomponent_equals_the_masked_forward(family):
     assert not torch.allclose(ablated, clean, atol=1e-6)
 
 
-def _role(n: NodeId) -> tuple[int, str]:
-    block, _, role = module_short_name(n.module)
-    return block, role
-
-
-Pick = Callable[[NodeId, NodeId], bool]
-KEY = {"q", "k", "qkv"}
-EDGE_KINDS: dict[str, Pick] = {
-    "emb → comp": lambda s, t: s.kind == "emb" and t.kind == "comp",
-    "comp → comp, next block": lambda s, t: s.kind == t.kind == "comp" and _role(t)[0] == _role(s)[0] + 1,
-    "k → o across positions": lambda s, t: (
-        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in KEY - {"q"} and s.pos < t.pos
-    ),
-    "v → o across positions": lambda s, t: (
-        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in {"v", "qkv"} and s.pos < t.pos
-    ),
-    "q → o": lambda s, t: (
-        s.kind == t.kind == "comp" and _role(t) == (_role(s)[0], "o") and _role(s)[1] in {"q", "qkv"} and s.pos == t.pos
-    ),
-    "MLP in → out": lambda s, t: s.kind == t.kind == "comp" and _role(s)[1] in {"up", "gate", "gate_up"},
-    "delta → comp": lambda s, t: s.kind == "delta" and t.kind == "comp",
-    "comp → logit": lambda s, t: s.kind == "comp" and t.kind == "logit",
-    "delta → logit": lambda s, t: s.kind == "delta" and t.kind == "logit",
-    "emb → logit": lambda s, t: s.kind == "emb" and t.kind == "logit",
-}
-
-
 def test_sampled_edges_of_every_kind_equal_interventions(family):
     _, d, tokens, ci = family
-    with _float64_throughout():
+    with float64_throughout():
         att = attribute(d, tokens, ci=ci)
         nz = att.A.nonzero().tolist()
         for kind, pick in EDGE_KINDS.items():
@@ -404,7 +347,7 @@ def test_traced_layer_pairs_follow_the_blocks(family):
     from attrgraph.reference import EMB, LOGIT, trace_layer_pairs
 
     name, d, _, _ = family
-    with _float64_throughout():
+    with float64_throughout():
         pairs = trace_layer_pairs(d, n_tokens=3)
     by_role = {(module_short_name(p)[0], module_short_name(p)[2]): p for p in d.module_paths}
     fused = FAMILIES[name][3][2]
@@ -435,7 +378,7 @@ def _o_graph(att: Attribution) -> nx.DiGraph:
 
 def test_qk_pairs_in_the_graph_or_the_reason_why_not(family):
     name, d, tokens, ci = family
-    with _float64_throughout():
+    with float64_throughout():
         G = _o_graph(attribute(d, tokens, ci=ci))
     H = add_qk_pairs(G, d, tokens)
     json.dumps(H.graph)

@@ -25,8 +25,7 @@ from attrgraph.edges import attribute
 from attrgraph.nodes import module_short_name
 from attrgraph.qk import score_terms
 from circuits.interventions import Intervention, ablate, generate_ids, intervene
-from tests.conftest import finite_difference_edge, float64_decomposition
-from tests.test_architectures import EDGE_KINDS, _float64_throughout
+from tests.conftest import EDGE_KINDS, finite_difference_edge, float64_decomposition, float64_throughout
 
 pytestmark = [
     pytest.mark.slow,
@@ -46,7 +45,7 @@ def real():
     model, tokenizer = load_target("smollm2-135m")
     model.config._attn_implementation = "eager"
     torch.manual_seed(0)
-    with _float64_throughout():
+    with float64_throughout():
         d = float64_decomposition(model, "auto")
     tokens = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     T, gen = tokens.shape[1], torch.Generator().manual_seed(1)
@@ -66,7 +65,7 @@ def test_auto_takes_all_210_matrices_and_ones_plus_delta_give_the_logits(real):
         "q": 386, "k": 386, "v": 766, "o": 766, "gate": 2304, "up": 2304, "down": 2690,
     }  # fmt: skip
     B, T = tokens.shape
-    with _float64_throughout(), torch.no_grad():
+    with float64_throughout(), torch.no_grad():
         clean = d.model.target(tokens).logits
         masks = {p: torch.ones(B, T, d.Cs[p], dtype=torch.float64) for p in d.module_paths}
         deltas = {p: torch.ones(B, T, dtype=torch.float64) for p in d.module_paths}
@@ -76,7 +75,7 @@ def test_auto_takes_all_210_matrices_and_ones_plus_delta_give_the_logits(real):
 
 def test_sampled_edges_of_every_kind_equal_interventions(real):
     d, _, tokens, ci = real
-    with _float64_throughout():
+    with float64_throughout():
         att = attribute(d, tokens, ci=ci, batch_size=8)
         nz = att.A.nonzero().tolist()
         for kind, pick in EDGE_KINDS.items():
@@ -92,7 +91,7 @@ def test_sampled_edges_of_every_kind_equal_interventions(real):
 def test_qk_scores_reproduce_the_grouped_attention(real, layer):
     d, _, tokens, _ = real
     assert qk_unavailable(d) is None
-    with _float64_throughout():
+    with float64_throughout():
         terms = score_terms(d, tokens, layer)
         model = attention_pattern(d, tokens, layer)[0].double()
     assert model.shape[0] == 9  # query heads; k and v have 3
@@ -104,7 +103,7 @@ def test_ablation_through_hooks_equals_the_masked_forward(real):
     d, _, tokens, _ = real
     B, T = tokens.shape
     path = "model.layers.12.mlp.up_proj"
-    with _float64_throughout(), torch.no_grad():
+    with float64_throughout(), torch.no_grad():
         with intervene(d, Intervention(nodes=("12.mlp.up:1", "12.mlp.up:2@3"), kind="zero")):
             hooked = d.model.target(tokens).logits
         mask = torch.ones(B, T, d.Cs[path], dtype=torch.float64)
@@ -123,7 +122,7 @@ def test_generation_with_interventions_equals_full_forwards(real, kind):
     nodes = ["3.attn.v:5", "3.attn.v:7", "20.mlp.down:11", "20.mlp.down:12"]
     nodes += [f"1.attn.o:{c}@{T + 1}" for c in range(4)]  # at a generated position
     extra = {"scale": -3.0} if kind == "scale" else {}
-    with _float64_throughout():
+    with float64_throughout():
         out = generate_ids(d, tokens, Intervention(nodes, kind, **extra), max_new_tokens=3, use_cache=True)
         seq = tokens
         for _ in range(3):

@@ -112,6 +112,6 @@ def check_training_memory(d, tokens_per_step: int, *, device: str | None = None,
         )
     raise VpdError(
         f"This decomposition needs an estimated {parts['total'] / GB:.1f} GB ({parts['frozen'] / GB:.1f} GB model and "
-        f"W copies, {parts['training_state'] / GB:.1f} GB U, V, CI network, gradients and AdamW moments, "
+        f"W copies, {parts['training_state'] / GB:.1f} GB U, V and CI network with gradients and AdamW state, "
         f"{parts['activations'] / GB:.1f} GB activations) but {limit / GB:.1f} GB is available; {how}."
     )
