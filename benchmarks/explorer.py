@@ -1,6 +1,7 @@
 """Size and speed of the graph explorer in headless Chromium (Debian chromium + chromium-driver).
 
-    python benchmarks/explorer.py [--nodes 1000] [--tokens 256] [--edges 10000] [--demo-dir vpd-demo] [--cards]
+    python benchmarks/explorer.py [--nodes 1000] [--tokens 256] [--edges 10000] [--blocks 2] [--cards]
+                                   [--demo-dir vpd-demo]
 
 Builds a pruned-graph-shaped graph (the bundled model's 2 blocks × 7 matrices, nodes crowding
 towards the target's end as influence pruning leaves them, edges from lower rows at the same or
@@ -30,10 +31,17 @@ import networkx as nx
 
 from attrgraph.render import render_html
 
-ROWS = [(b, part, short) for b in range(2) for part, short in (("self_attn", s) for s in "qkvo")] + [
-    (b, "mlp", short) for b in range(2) for short in ("gate", "up", "down")
-]
-ROWS.sort(key=lambda r: (r[0], "qkvo".find(r[2]) if r[1] == "self_attn" else 4 + ("gate", "up", "down").index(r[2])))
+
+def matrix_rows(n_blocks: int) -> list[tuple[int, str, str]]:
+    """(block, part, matrix) of every decomposed matrix of an `n_blocks` Llama, bottom to top."""
+    rows = [(b, "self_attn", s) for b in range(n_blocks) for s in "qkvo"]
+    rows += [(b, "mlp", s) for b in range(n_blocks) for s in ("gate", "up", "down")]
+    return sorted(
+        rows, key=lambda r: (r[0], "qkvo".find(r[2]) if r[1] == "self_attn" else 4 + ("gate", "up", "down").index(r[2]))
+    )
+
+
+ROWS = matrix_rows(2)
 TIMED_ACTION = """
 const done = arguments[arguments.length - 1];
 const t0 = performance.now();
@@ -42,8 +50,9 @@ requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() -
 """
 
 
-def synthetic_graph(n_nodes: int, n_tokens: int, n_edges: int, seed: int = 0) -> nx.DiGraph:
+def synthetic_graph(n_nodes: int, n_tokens: int, n_edges: int, seed: int = 0, n_blocks: int = 2) -> nx.DiGraph:
     """A graph shaped like an influence-pruned one: embeddings, `n_nodes` in all, one logit, `n_edges` edges."""
+    rows = matrix_rows(n_blocks)
     rng = random.Random(seed)
     tokens = [rng.choice([" the", " princess", " lost", ",", " her", " crown", "\n", " and"]) for _ in range(n_tokens)]
     G = nx.DiGraph(
@@ -64,8 +73,8 @@ def synthetic_graph(n_nodes: int, n_tokens: int, n_edges: int, seed: int = 0) ->
         # Half the nodes at the last few positions, the rest spread with a bias to the end.
         t = n_tokens - 1 - int(rng.expovariate(1 / 3)) if i % 2 else int(n_tokens * rng.random() ** 0.5)
         t = min(max(t, 0), n_tokens - 1)
-        r = rng.randrange(len(ROWS))
-        b, part, short = ROWS[r]
+        r = rng.randrange(len(rows))
+        b, part, short = rows[r]
         module = f"model.layers.{b}.{part}.{short}_proj"
         node = f"comp/{module}/{i}@{t}"
         label = f"{b}.{'attn' if part == 'self_attn' else 'mlp'}.{short}:{t}:{i} fires on ' her' → writes ' crown'"
@@ -86,7 +95,7 @@ def synthetic_graph(n_nodes: int, n_tokens: int, n_edges: int, seed: int = 0) ->
         **base,
         kind="logit",
         pos=n_tokens - 1,
-        row=len(ROWS) + 1,
+        row=len(rows) + 1,
         token=tokens[-1],
         label="→ ' her'",
         prob=0.9,
@@ -94,7 +103,7 @@ def synthetic_graph(n_nodes: int, n_tokens: int, n_edges: int, seed: int = 0) ->
         logit_token=" her",
         influence=0.0,
     )
-    layer_of[logit] = len(ROWS) + 1
+    layer_of[logit] = len(rows) + 1
     by_pos: dict[int, list[str]] = {}
     for n, a in G.nodes(data=True):
         by_pos.setdefault(a["pos"], []).append(n)
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edges", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--demo-dir", default="vpd-demo")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks of the synthetic model (30: SmolLM2's depth)")
     parser.add_argument("--cards", action="store_true", help="cards from the bundled run's examples on every node")
     args = parser.parse_args(argv)
 
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     if not demo:
         print(f"no demo HTML under {args.demo_dir}; run `vpd demo --out {args.demo_dir}` to measure it")
 
-    G = synthetic_graph(args.nodes, args.tokens, args.edges)
+    G = synthetic_graph(args.nodes, args.tokens, args.edges, n_blocks=args.blocks)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         harvest = None

@@ -22,6 +22,7 @@ from decomposer.errors import VpdError
 
 PAYLOAD_VERSION = 1
 ROW_HEIGHT = 64.0  # graph units between row centres
+BLOCK_ROW_HEIGHT = 40.0  # the same with one row per block: a 30-block model's rows fit one screen
 NODE_GAP = 20.0  # graph units between neighbours in one cell
 MIN_COLUMN = 96.0  # a column never narrower than this, so a token fits under it
 MAX_DRAWN_EDGES = 2000  # edges the first view draws at most
@@ -93,6 +94,7 @@ def _grid(
     n_cols: int,
     row_of: Callable[[Mapping[str, Any]], tuple[tuple, str]],
     in_cell: Callable[[str], tuple],
+    row_height: float = ROW_HEIGHT,
 ) -> dict[str, Any]:
     """One grid layout: named rows bottom to top, column extents, and each node's (x, y, row).
 
@@ -119,12 +121,13 @@ def _grid(
         members.sort(key=lambda n: (*in_cell(n), -_rank(G.nodes[n], influence[n]), n))
         left = lefts[pos] + widths[pos] / 2 - (len(members) - 1) * NODE_GAP / 2
         for i, n in enumerate(members):
-            at[n] = (round(left + i * NODE_GAP, 2), (top - r) * ROW_HEIGHT, r)
+            at[n] = (round(left + i * NODE_GAP, 2), (top - r) * row_height, r)
     return {
         "rows": [rows[k] for k in order],
         "columns": [[left, width] for left, width in zip(lefts, widths, strict=True)],
         "width": lefts[-1] + widths[-1],
         "at": at,
+        "row_height": row_height,
     }
 
 
@@ -219,7 +222,9 @@ def explorer_payload(
     index = {n: i for i, n in enumerate(ids)}
     layouts = {
         "matrix": _grid(G, influence, n_cols, _row_of, lambda n: ()),
-        "block": _grid(G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),)),
+        "block": _grid(
+            G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),), BLOCK_ROW_HEIGHT
+        ),
     }
     deep = len(layouts["matrix"]["rows"]) > MAX_MATRIX_ROWS
     default = "block" if deep else "matrix"
@@ -284,7 +289,7 @@ def explorer_payload(
         "n_cols": n_cols,
         "columns": first["columns"],
         "width": first["width"],
-        "row_height": ROW_HEIGHT,
+        "row_height": first["row_height"],
         "rows": first["rows"],
         "layout": default,
         # Both grids, node positions as [x, y, row] in node order: the page switches between them.
@@ -293,6 +298,7 @@ def explorer_payload(
                 "rows": lay["rows"],
                 "columns": lay["columns"],
                 "width": lay["width"],
+                "row_height": lay["row_height"],
                 "at": [list(lay["at"][n]) for n in ids],
             }
             for name, lay in layouts.items()

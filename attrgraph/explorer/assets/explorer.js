@@ -139,6 +139,7 @@
     var L = D.layouts && D.layouts[name];
     if (!L) { return; }
     state.layout = name;
+    RH = L.row_height || RH;
     COLS = L.columns; rowName = L.rows; nRows = rowName.length; width = L.width; height = nRows * RH;
     var upd = N.map(function (n, i) {
       var p = L.at[i]; n.x = p[0]; n.y = p[1]; n.row = p[2];
