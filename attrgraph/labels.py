@@ -63,6 +63,7 @@ def label_source(label: str | None) -> str | None:
         return None
     return getattr(label, "source", "user")
 
+
 _EXAMPLE_KEYS = "a component key such as 1.attn.q:31 or a node id such as comp/model.layers.1.self_attn.q_proj/31@4"
 
 
