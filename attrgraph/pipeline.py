@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,33 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
     log.info("phase %s: %.3f s", name, timings[name])
 
 
+@dataclass(frozen=True)
+class GraphContext:
+    """What turns the node table into labelled networkx nodes and graph attributes (`table_to_networkx`'s keywords).
+
+    Attributes:
+        prompt: The text.
+        prompt_tokens: Each token as text.
+        token_text: Logit token id → its text.
+        n_blocks: Blocks of the target, for row numbers.
+        labels: Node id or component key → label (with its source), or None.
+        settings: The graph settings as stored in the files (with the optimisation's record, if any).
+        report: The faithfulness report, as in `PromptGraph.report`.
+    """
+
+    prompt: str
+    prompt_tokens: list[str]
+    token_text: dict[int, str]
+    n_blocks: int
+    labels: Mapping[str, str] | None
+    settings: dict[str, Any]
+    report: dict[str, Any]
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields as `table_to_networkx` keywords (no copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 @dataclass
 class PromptGraph:
     """One prompt's graph: the read-out, its CI, the faithfulness report, the edge tensors and the pruned graph.
@@ -150,13 +177,15 @@ class PromptGraph:
         target_token: y*'s id; `target_text` its text.
         probs: (vocab,) float64 P(· at t*) under the target model.
         ci: Path → (t* + 1, C) the CI the graph was built on.
-        report: Faithfulness numbers (empty when not computed) and, after optimisation, its settings.
+        report: Faithfulness numbers (P(target) under the target, CI, stochastic and adversarial masks, node
+            count, PGD settings; empty when not computed).
         table: Every node and edge, as tensors.
         masks: What influence pruning kept (over `table`), with every node's influence.
         pruned: The pruned graph as a networkx DiGraph (the `attrgraph.export` convention).
         settings: The settings used.
         memory_estimate: The estimated peak bytes checked before the edges.
         timings: Seconds spent in each phase (`PHASES`), as also logged.
+        context: What labels the nodes of `pruned` and `full_networkx()`.
     """
 
     prompt: str
@@ -167,20 +196,20 @@ class PromptGraph:
     target_text: str
     probs: Tensor
     ci: dict[str, Tensor]
-    report: dict
+    report: dict[str, Any]
     table: EdgeTable
     masks: CooPruneMasks
     pruned: nx.DiGraph
     settings: GraphSettings
     memory_estimate: int
-    _context: dict
+    context: GraphContext
     timings: dict[str, float] = field(default_factory=dict)
 
     def full_networkx(self) -> nx.DiGraph:
         """The unpruned graph as a DiGraph (large for long prompts); every node gets its `influence`."""
         from attrgraph.graph import table_to_networkx
 
-        return table_to_networkx(self.table, influence=self.masks.influence, **self._context)
+        return table_to_networkx(self.table, influence=self.masks.influence, **self.context.as_kwargs())
 
     def summary(self) -> dict:
         return {
@@ -335,7 +364,7 @@ def attribute_prompt(
     return PromptGraph(
         prompt=prompt,
         tokens=ids.cpu(),
-        prompt_tokens=context["prompt_tokens"],
+        prompt_tokens=context.prompt_tokens,
         target_pos=pos,
         target_token=label,
         target_text=tokenizer.decode([label]),
@@ -347,7 +376,7 @@ def attribute_prompt(
         pruned=pruned,
         settings=settings,
         memory_estimate=need,
-        _context=context,
+        context=context,
         timings=timings,
     )
 
@@ -388,7 +417,7 @@ def _prune(
     optimize_settings: dict | None,
     report: dict,
     labels: Mapping[str, str] | None,
-) -> tuple[CooPruneMasks, nx.DiGraph, dict]:
+) -> tuple[CooPruneMasks, nx.DiGraph, GraphContext]:
     """Phase 5: influence pruning on the tensors, then the pruned graph as networkx (and its labels' context)."""
     from attrgraph.graph import count_blocks, table_to_networkx
 
@@ -405,19 +434,19 @@ def _prune(
     stored = settings.model_dump()
     if optimize_settings is not None:
         stored["optimize_settings"] = optimize_settings
-    context = {
-        "prompt": prompt,
-        "prompt_tokens": [tokenizer.decode([i]) for i in ids[0].tolist()],
-        "token_text": {t: tokenizer.decode([t]) for t in readout},
-        "n_blocks": count_blocks(d),
-        "labels": labels,
-        "settings": stored,
-        "report": report,
-    }
+    context = GraphContext(
+        prompt=prompt,
+        prompt_tokens=[tokenizer.decode([i]) for i in ids[0].tolist()],
+        token_text={t: tokenizer.decode([t]) for t in readout},
+        n_blocks=count_blocks(d),
+        labels=labels,
+        settings=stored,
+        report=report,
+    )
     pruned = table_to_networkx(
-        table, node_mask=masks.node_mask, edge_mask=masks.edge_mask, influence=masks.influence, **context
+        table, node_mask=masks.node_mask, edge_mask=masks.edge_mask, influence=masks.influence, **context.as_kwargs()
     )
     return masks, pruned, context
 
 
-__all__ = ["FILES", "PHASES", "PromptGraph", "attribute_prompt", "check_memory", "estimate_peak_bytes"]
+__all__ = ["FILES", "PHASES", "GraphContext", "PromptGraph", "attribute_prompt", "check_memory", "estimate_peak_bytes"]
