@@ -53,10 +53,10 @@ import networkx as nx
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
+from attrgraph.labels import component_key
 from attrgraph.nodes import KINDS
 from attrgraph.pipeline import PromptGraph
 from attrgraph.settings import L_MIN, GraphSettings
-from circuits.clustering import component_key
 from decomposer.errors import VpdError
 from decomposer.vpd.distributed import gather_shares, my_share, rank_and_world
 from decomposer.vpd.run import Decomposition

@@ -321,7 +321,7 @@ def test_qk_scores_follow_the_position_scheme(family):
 
 def test_static_strengths_agree_with_the_prompts_pairs(family):
     """`vpd qk`'s static S(c, c′, τ, h) is the prompt's DD with the activations divided out, for every scheme."""
-    from circuits.qk import qk_layers, static_strength
+    from circuits.qk.static import qk_layers, static_strength
 
     name, d, tokens, _ = family
     assert qk_layers(d) == ([] if name in QK_NORM else [0, 1])

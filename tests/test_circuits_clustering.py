@@ -10,16 +10,11 @@ import networkx as nx
 import pytest
 import torch
 
+from attrgraph.labels import component_key
 from circuits.cli import main
-from circuits.cluster_files import load_clusters, plot_clusters, save_clusters
-from circuits.cluster_graph import group_graph
-from circuits.clustering import (
-    Firing,
-    cluster,
-    component_key,
-    description_length,
-    firing_matrix,
-)
+from circuits.cluster.files import load_clusters, plot_clusters, save_clusters
+from circuits.cluster.graph import group_graph
+from circuits.cluster.mdl import Firing, cluster, description_length, firing_matrix
 from decomposer.errors import ArtifactFormatError, VpdError
 from tests.conftest import float64_decomposition, tiny_llama
 

@@ -11,15 +11,24 @@ import torch
 from torch import nn
 
 from attrgraph.nodes import resolve_component
-from circuits.edit import (
+from circuits.edit.lora import (
+    LoraAdapter,
+    LoraPoint,
+    attached,
+    lora_sweep,
+    lora_windows,
+    merge,
+    pareto_plot,
+    train_lora,
+)
+from circuits.edit.metrics import EditPoint, edit_metrics, metrics_from_stats, position_stats, surrounding_mask
+from circuits.edit.rank_one import (
     activation_sign,
     component_activity,
     edit_write_vector,
     find_token_specific,
     unembedding_direction,
 )
-from circuits.edit_metrics import EditPoint, edit_metrics, metrics_from_stats, position_stats, surrounding_mask
-from circuits.lora import LoraAdapter, LoraPoint, attached, lora_sweep, lora_windows, merge, pareto_plot, train_lora
 from decomposer.errors import VpdError
 from tests.conftest import float64_decomposition, tiny_llama
 

@@ -18,8 +18,7 @@ from attrgraph.examples import (
     load_examples,
 )
 from attrgraph.labels import card_label
-from circuits.harvest import harvest
-from circuits.harvest_examples import examples_from_harvest
+from circuits.harvest import examples_from_harvest, harvest
 from decomposer.errors import ArtifactFormatError, DamagedArtifactError, VpdError
 from tests.conftest import float64_decomposition, tiny_llama
 

@@ -25,7 +25,7 @@ from attrgraph.labels import (
 from circuits.cli import main
 from circuits.component import component_card, render_component_html
 from circuits.harvest import harvest, load_harvest, save_harvest
-from circuits.harvest_accumulate import _at_most_per_group, _reservoir_offer
+from circuits.harvest.accumulate import _at_most_per_group, _reservoir_offer
 from circuits.labeller import StatsLabeller, label_components
 from decomposer.errors import ArtifactFormatError, DamagedArtifactError, VpdError
 from decomposer.integrity import file_sha256
@@ -226,7 +226,7 @@ def test_statistics_match_brute_force(monkeypatch, d, random_case):
 def test_row_growth_does_not_change_the_counts(monkeypatch, d, random_case):
     batches, gs = random_case
     h = run(monkeypatch, d, batches, gs, top_k=2, reservoir=3)
-    monkeypatch.setattr("circuits.harvest_accumulate._MIN_ROW_GROWTH", 0)  # grow the row state one step at a time
+    monkeypatch.setattr("circuits.harvest.accumulate._MIN_ROW_GROWTH", 0)  # grow the row state one step at a time
     grown = run(monkeypatch, d, batches, gs, top_k=2, reservoir=3)
     for name in ("firing_count", "alive", "output_mass", "cofire", "top_loc", "top_ci", "res_loc", "res_offered"):
         assert torch.equal(getattr(grown, name), getattr(h, name)), name

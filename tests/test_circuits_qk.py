@@ -12,7 +12,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from attrgraph.attention import rope_cos_sin, rope_of
 from attrgraph.nodes import resolve_component
 from attrgraph.qk import score_terms
-from circuits.qk import (
+from circuits.qk.plots import plot_attention_ablation, plot_offset_attention, plot_static_strength
+from circuits.qk.static import (
     FiringStats,
     ablation_attention_effect,
     activation_signs,
@@ -23,7 +24,6 @@ from circuits.qk import (
     mean_attention_by_offset,
     static_strength,
 )
-from circuits.qk_plots import plot_attention_ablation, plot_offset_attention, plot_static_strength
 from decomposer.errors import VpdError
 from tests.conftest import ROPE_VOCAB as VOCAB
 from tests.conftest import rope_decomposition as decomposition

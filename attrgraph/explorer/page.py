@@ -186,7 +186,7 @@ def render_html(
         title: The page title; defaults to one naming the target token.
         harvest: Optional statistics for the hover cards (density, top input and output tokens and
             activating examples): a run or harvest folder holding `harvest.json`, a mapping of
-            component key → harvest summary, or a `circuits.harvest_stats.Harvest`.
+            component key → harvest summary, or a `circuits.harvest.Harvest`.
         max_nodes: Refuse larger graphs.
         max_edges: Refuse graphs with more edges than this.
 

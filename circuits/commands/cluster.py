@@ -26,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cluster(args: argparse.Namespace) -> None:
-    from circuits.cluster_files import plot_clusters, save_clusters
-    from circuits.clustering import cluster, firing_matrix, heldout_batches
+    from circuits.cluster import cluster, firing_matrix, heldout_batches, plot_clusters, save_clusters
     from decomposer.errors import VpdError
     from decomposer.vpd.load import load_run
 

@@ -98,8 +98,7 @@ def _metrics_dict(metrics) -> dict:
 
 def _edit(args: argparse.Namespace) -> None:
     """`vpd edit`: check the flags, edit, sweep, write the model and print; one straight-line command handler."""
-    from circuits.edit import edit_study, heldout_windows, resolve_edit
-    from circuits.lora import LoraSweep
+    from circuits.edit import LoraSweep, edit_study, heldout_windows, resolve_edit
     from decomposer.io import atomic_write_dir, atomic_write_json
     from decomposer.vpd.load import load_run
 
@@ -181,7 +180,7 @@ def _edit(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / REPORT_FILE, report)
         if lora:
-            from circuits.lora import pareto_plot
+            from circuits.edit import pareto_plot
 
             pareto_plot(study.sweep, study.lora, tmp / PARETO_FILE)
 

@@ -29,8 +29,7 @@ def _writable(folder: Path) -> bool:
 def _harvest(args: argparse.Namespace) -> None:
     import torch
 
-    from circuits.harvest import harvest, save_harvest
-    from circuits.harvest_examples import examples_from_harvest
+    from circuits.harvest import examples_from_harvest, harvest, save_harvest
     from decomposer.errors import VpdError
     from decomposer.vpd.batches import run_heldout_windows
     from decomposer.vpd.distributed import torchrun_group

@@ -34,7 +34,8 @@ def _default_out(run: str) -> Path:
 def _qk(args: argparse.Namespace) -> None:
     import torch
 
-    from circuits import qk, qk_plots
+    from attrgraph.labels import component_key
+    from circuits import qk
     from decomposer.errors import VpdError
     from decomposer.io import atomic_write_json
     from decomposer.vpd import batches as vpd_batches
@@ -65,9 +66,9 @@ def _qk(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else _default_out(args.run)
     files = {
-        "static_strength": qk_plots.plot_static_strength(st, pair.q_index, pair.k_index, out / "static_strength.png"),
-        "attention_ablation": qk_plots.plot_attention_ablation(effect, out / "attention_ablation.png"),
-        "offset_attention": qk_plots.plot_offset_attention(effect, out / "offset_attention.png"),
+        "static_strength": qk.plot_static_strength(st, pair.q_index, pair.k_index, out / "static_strength.png"),
+        "attention_ablation": qk.plot_attention_ablation(effect, out / "attention_ablation.png"),
+        "offset_attention": qk.plot_offset_attention(effect, out / "offset_attention.png"),
     }
     summary = {
         "format": FORMAT,
@@ -77,10 +78,8 @@ def _qk(args: argparse.Namespace) -> None:
         "min_density": MIN_DENSITY,
         "max_offset": args.max_offset,
         "pair": pair.to_dict(),
-        "near_always_on": {qk.component_key(p, 0).rsplit(":", 1)[0]: cs for p, cs in on.items()},
-        "densest": {
-            qk.component_key(p, 0).rsplit(":", 1)[0]: qk.top_densities(stats, p) for p in (st.q_path, st.k_path)
-        },
+        "near_always_on": {component_key(p, 0).rsplit(":", 1)[0]: cs for p, cs in on.items()},
+        "densest": {component_key(p, 0).rsplit(":", 1)[0]: qk.top_densities(stats, p) for p in (st.q_path, st.k_path)},
         "ablation": effect.to_dict(),
         "attention_at_offset_1": {
             "before": effect.mean_before[:, 1].tolist(),

@@ -20,7 +20,7 @@ from torch import Tensor
 from attrgraph.examples import ComponentExamples
 from attrgraph.labels import card_label
 from attrgraph.nodes import ComponentKey
-from circuits.harvest_stats import Harvest
+from circuits.harvest.stats import Harvest
 from decomposer.errors import VpdError
 
 RESIDUAL_WRITERS = ("o", "down")  # matrix roles whose output is added to the residual stream

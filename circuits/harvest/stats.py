@@ -1,6 +1,7 @@
 """What a harvest pass found, per subcomponent: the result type of `circuits.harvest.harvest` and its queries.
 
-Formulas are in the `circuits.harvest` docstring (docs/attribution-graphs.md §10); this module only reads counts.
+Formulas are in the `circuits.harvest.collect` docstring (docs/attribution-graphs.md §10); this module only reads
+counts.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from circuits.qk import AblationEffect, StaticStrength
+    from circuits.qk.static import AblationEffect, StaticStrength
 
 __all__ = ["plot_attention_ablation", "plot_offset_attention", "plot_static_strength"]
 

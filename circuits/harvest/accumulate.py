@@ -1,7 +1,7 @@
 """The streamed state of a harvest pass: counts, co-firing, top examples and reservoirs, grown row by row.
 
 Rows belong to subcomponents that have fired, in order of first firing; `finish` reorders them by flat index
-and returns a `Harvest` (memory layout in the `circuits.harvest` docstring).
+and returns a `Harvest` (memory layout in the `circuits.harvest.collect` docstring).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuits.harvest_stats import Harvest
+from circuits.harvest.stats import Harvest
 
 _COALESCE_EVERY = 1 << 22  # pending sparse (subcomponent, token) pairs before they are merged
 _MIN_ROW_GROWTH = 64  # rows added at least when the per-row state grows (it grows by half otherwise)

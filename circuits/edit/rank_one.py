@@ -7,10 +7,10 @@
 3. Replace its write vector u_c by σ α û, with û = W_U[o]/‖W_U[o]‖ (`unembedding_direction`). In nn.Linear
    layout W′ = W − u_c v_cᵀ + σ α û v_cᵀ (`edit_write_vector`). The result is an ordinary HF model: it acts
    wherever a_c ≠ 0, not only where CI > τ, which is where its off-target effects come from.
-4. Measure it (`circuits.edit_metrics`): efficacy P(o) at the firing positions, and KL(p_target ‖ p_edited) on the
+4. Measure it (`circuits.edit.metrics`): efficacy P(o) at the firing positions, and KL(p_target ‖ p_edited) on the
    ±window tokens around them (D_KL,Surrounding) and on non-firing tokens across the text (D_KL,Global).
 
-`edit_study` runs the whole recipe on held-out text, with an α sweep and the LoRA baseline of `circuits.lora`.
+`edit_study` runs the whole recipe on held-out text, with an α sweep and the LoRA baseline of `circuits.edit.lora`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from transformers import PreTrainedTokenizerBase
 
 from attrgraph.labels import component_key
 from attrgraph.nodes import module_short_name, resolve_component
-from circuits.edit_metrics import EditMetrics, EditPoint, edit_metrics
+from circuits.edit.metrics import EditMetrics, EditPoint, edit_metrics
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 from decomposer.vpd.targets import read_weight
 
 if TYPE_CHECKING:
-    from circuits.lora import LoraPoint, LoraSweep
+    from circuits.edit.lora import LoraPoint, LoraSweep
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def edit_study(
 
     σ comes from the firing positions (CI > `threshold`) of `eval_ids`. With `sweep`, every α in it is measured
     too; with `lora_ids`, LoRA adapters on the same matrix are trained on windows around firings in `lora_ids`
-    (every n × λ × rank of `lora`, default `LoraSweep()`; see `circuits.lora.lora_sweep`) and measured on
+    (every n × λ × rank of `lora`, default `LoraSweep()`; see `circuits.edit.lora.lora_sweep`) and measured on
     `eval_ids`.
 
     Raises:
@@ -358,7 +358,7 @@ def edit_study(
     points = [EditPoint(a, metrics if a == alpha else measure(a)[1]) for a in sweep]
     lora_points = []
     if lora_ids is not None:
-        from circuits.lora import LoraSweep, lora_sweep
+        from circuits.edit.lora import LoraSweep, lora_sweep
 
         lora = LoraSweep() if lora is None else lora
         g_train, _ = component_activity(d, path, c, lora_ids, batch_size=batch_size)

@@ -1,6 +1,6 @@
 """The clusters artifact: `clusters.json` (format name and version here, written atomically) and `clusters.png`.
 
-Written by `vpd cluster` from a `circuits.clustering.Clustering`; `load_clusters` checks the format version.
+Written by `vpd cluster` from a `circuits.cluster.mdl.Clustering`; `load_clusters` checks the format version.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from circuits.clustering import Clustering
+    from circuits.cluster.mdl import Clustering
 
 
 FORMAT = "component_clusters"

@@ -2,7 +2,7 @@
 
 Efficacy P(o) at the positions where the edited subcomponent fires, and KL(p_target ‖ p_edited) on the ±window
 tokens around them (D_KL,Surrounding) and on non-firing tokens across the text (D_KL,Global). Both the
-subcomponent edit (`circuits.edit`) and its LoRA baseline (`circuits.lora`) are scored here.
+subcomponent edit (`circuits.edit`) and its LoRA baseline (`circuits.edit.lora`) are scored here.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from circuits.edit_metrics import EditMetrics, EditPoint, edit_metrics
+from circuits.edit.metrics import EditMetrics, EditPoint, edit_metrics
 from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
 from decomposer.vpd.targets import read_weight

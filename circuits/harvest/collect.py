@@ -50,8 +50,8 @@ from attrgraph.harvest_format import (
     harvest_meta_path,
     read_harvest_meta,
 )
-from circuits.harvest_accumulate import _Accumulator
-from circuits.harvest_stats import CoFiring, Example, Harvest, TokenStats
+from circuits.harvest.accumulate import _Accumulator
+from circuits.harvest.stats import CoFiring, Example, Harvest, TokenStats
 from decomposer.errors import ArtifactFormatError, VpdError
 from decomposer.integrity import check_sha256, load_safetensors, record_sha256
 from decomposer.io import atomic_write_dir, atomic_write_text
