@@ -34,7 +34,7 @@ def _default_out(run: str) -> Path:
 def _qk(args: argparse.Namespace) -> None:
     import torch
 
-    from attrgraph.labels import component_key
+    from attrgraph.nodes import ComponentKey
     from circuits import qk
     from decomposer.errors import VpdError
     from decomposer.io import atomic_write_json
@@ -78,8 +78,8 @@ def _qk(args: argparse.Namespace) -> None:
         "min_density": MIN_DENSITY,
         "max_offset": args.max_offset,
         "pair": pair.to_dict(),
-        "near_always_on": {component_key(p, 0).rsplit(":", 1)[0]: cs for p, cs in on.items()},
-        "densest": {component_key(p, 0).rsplit(":", 1)[0]: qk.top_densities(stats, p) for p in (st.q_path, st.k_path)},
+        "near_always_on": {ComponentKey.of(p, 0).matrix: cs for p, cs in on.items()},
+        "densest": {ComponentKey.of(p, 0).matrix: qk.top_densities(stats, p) for p in (st.q_path, st.k_path)},
         "ablation": effect.to_dict(),
         "attention_at_offset_1": {
             "before": effect.mean_before[:, 1].tolist(),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from attrgraph.labels import component_key
+from attrgraph.nodes import ComponentKey
 from decomposer.errors import VpdError
 from decomposer.io import atomic_write_bytes
 
@@ -50,7 +50,7 @@ def plot_static_strength(strength: StaticStrength, q_index: int, k_index: int, p
     fig = _figure(1.2 + 0.35 * z.shape[1], 1.0 + 0.4 * z.shape[0])
     ax = fig.add_subplot()
     bound = float(z.abs().max()) or 1.0
-    q_key, k_key = component_key(strength.q_path, q_index), component_key(strength.k_path, k_index)
+    q_key, k_key = str(ComponentKey.of(strength.q_path, q_index)), str(ComponentKey.of(strength.k_path, k_index))
     _heat(
         fig,
         ax,

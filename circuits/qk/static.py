@@ -32,8 +32,7 @@ from attrgraph.attention import (
     rope_of,
     split_heads,
 )
-from attrgraph.labels import component_key
-from attrgraph.nodes import module_short_name, resolve_component
+from attrgraph.nodes import ComponentKey, module_short_name, resolve_component
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
@@ -44,7 +43,6 @@ __all__ = [
     "StaticStrength",
     "ablation_attention_effect",
     "activation_signs",
-    "component_key",
     "densities",
     "find_previous_token_pair",
     "firing_stats",
@@ -251,11 +249,11 @@ class PreviousTokenPair:
 
     @property
     def q_index(self) -> int:
-        return int(self.q_key.rsplit(":", 1)[1])
+        return ComponentKey.parse(self.q_key).index
 
     @property
     def k_index(self) -> int:
-        return int(self.k_key.rsplit(":", 1)[1])
+        return ComponentKey.parse(self.k_key).index
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -336,8 +334,8 @@ def find_previous_token_pair(
         c, c_k = int(qs[iq]), int(ks[ik])
         best = PreviousTokenPair(
             layer=L,
-            q_key=component_key(st.q_path, c),
-            k_key=component_key(st.k_path, c_k),
+            q_key=str(ComponentKey.of(st.q_path, c)),
+            k_key=str(ComponentKey.of(st.k_path, c_k)),
             q_density=float(dq[c]),
             k_density=float(dk[c_k]),
             margin=float(per_pair[iq, ik]),
