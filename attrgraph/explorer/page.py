@@ -37,6 +37,9 @@ _LEGEND = (
     ("logit", "#111827"),
     ("delta", "#9ca3af"),
 )
+# Edge colours by the sign of the weight (the script's POS and NEG are the same RGB).
+_POSITIVE_EDGE = "#2563eb"
+_NEGATIVE_EDGE = "#ea580c"
 
 
 _URL_SCHEME = re.compile(r"(https?)://", re.I)
@@ -158,8 +161,8 @@ def _legend() -> str:
     swatches = "".join(f'<span><i class="sw" style="background:{c}"></i>{name}</span>' for name, c in _LEGEND)
     return (
         swatches
-        + '<span><i class="sw" style="background:#2563eb"></i>+ edge</span>'
-        + ('<span><i class="sw" style="background:#ea580c"></i>− edge</span>')
+        + f'<span><i class="sw" style="background:{_POSITIVE_EDGE}"></i>+ edge</span>'
+        + f'<span><i class="sw" style="background:{_NEGATIVE_EDGE}"></i>− edge</span>'
     )
 
 
