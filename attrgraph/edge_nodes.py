@@ -17,10 +17,15 @@ from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
 
-def prepare_inputs(
-    d: Decomposition, tokens: Tensor, target_pos: int | None, logit_tokens: Sequence[int] | None, ci: Any
-) -> tuple[Tensor, int, list[int] | None, dict[str, Tensor], Tensor | None]:
-    """Checked (tokens, t*, logit tokens, CI, P(· at t*)); runs the model only when the CI or the tokens are missing."""
+def check_tokens(d: Decomposition, tokens: Tensor, target_pos: int | None) -> tuple[Tensor, int]:
+    """A prompt's token ids and read-out position, checked: (tokens (1, t* + 1) on the model's device, t*).
+
+    The ids are cut after t*, since later tokens cannot affect it; a missing t* is the last position.
+    Both the edge pass (`prepare_inputs`) and the per-prompt CI fit (`attrgraph.optimize`) check through here.
+
+    Raises:
+        VpdError: `tokens` is not a non-empty integer tensor of shape (T,) or (1, T), or t* is outside it.
+    """
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0 or tokens.is_floating_point():
@@ -29,7 +34,14 @@ def prepare_inputs(
     target_pos = T - 1 if target_pos is None else target_pos
     if not 0 <= target_pos < T:
         raise VpdError(f"`target_pos` must be in [0, {T - 1}] for a {T}-token prompt; got {target_pos}.")
-    tokens = tokens[:, : target_pos + 1].to(d.model_device)
+    return tokens[:, : target_pos + 1].to(d.model_device), target_pos
+
+
+def prepare_inputs(
+    d: Decomposition, tokens: Tensor, target_pos: int | None, logit_tokens: Sequence[int] | None, ci: Any
+) -> tuple[Tensor, int, list[int] | None, dict[str, Tensor], Tensor | None]:
+    """Checked (tokens, t*, logit tokens, CI, P(· at t*)); runs the model only when the CI or the tokens are missing."""
+    tokens, target_pos = check_tokens(d, tokens, target_pos)
     probs = None
     if ci is None or logit_tokens is None:
         with torch.no_grad():

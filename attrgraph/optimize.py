@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from attrgraph.edge_nodes import check_tokens
 from attrgraph.settings import OptimizeSettings
 from decomposer.errors import VpdError
 from decomposer.vpd.adversary import sign_ascent
@@ -71,13 +72,13 @@ def _logits(out: object) -> Tensor:
 
 
 def _check_prompt(d: Decomposition, tokens: Tensor, target_pos: int, target_token: int) -> Tensor:
-    """Validate the prompt and return it truncated after t*, since later tokens cannot affect t*."""
-    if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.dtype != torch.long:
+    """The prompt checked (`edge_nodes.check_tokens`, which cuts it after t*) and y* checked against the vocabulary.
+
+    Stricter than the edge pass on one point: the fit takes a (1, T) LongTensor only, never (T,).
+    """
+    if tokens.ndim != 2 or tokens.dtype != torch.long:
         raise VpdError(f"`tokens` must be a (1, T) LongTensor; got {tuple(tokens.shape)} {tokens.dtype}.")
-    T = tokens.shape[1]
-    if not 0 <= target_pos < T:
-        raise VpdError(f"`target_pos` must be in [0, {T}) for a prompt of {T} tokens; got {target_pos}.")
-    tokens = tokens[:, : target_pos + 1].to(d.model_device)
+    tokens, target_pos = check_tokens(d, tokens, target_pos)
     head = d.model.target.get_output_embeddings()
     if head is not None and hasattr(head, "weight"):
         vocab = head.weight.shape[0]  # no forward just to learn the vocabulary size
