@@ -66,12 +66,16 @@ def main(argv: list[str] | None = None) -> None:
             interventions.append(time.perf_counter() - t)
         server.should_exit = True
     print(f"server start (load the bundled run): {load_s:.2f} s")
-    print(f"graph: {n_tokens}-token prompt, {data['summary']['nodes']:,} nodes before pruning, "
-          f"{data['summary']['pruned_nodes']} after")
+    print(
+        f"graph: {n_tokens}-token prompt, {data['summary']['nodes']:,} nodes before pruning, "
+        f"{data['summary']['pruned_nodes']} after"
+    )
     for name, values, bound in (("graph, no re-fit", graphs, 1.5), ("intervention", interventions, 0.5)):
         med = statistics.median(values)
-        print(f"{name:>17}: median {med:.3f} s (min {min(values):.3f}, max {max(values):.3f}, n={len(values)}) "
-              f"= {med / bound:.2f}x of the {bound} s bound")
+        print(
+            f"{name:>17}: median {med:.3f} s (min {min(values):.3f}, max {max(values):.3f}, n={len(values)}) "
+            f"= {med / bound:.2f}x of the {bound} s bound"
+        )
 
 
 if __name__ == "__main__":

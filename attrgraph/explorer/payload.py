@@ -222,9 +222,7 @@ def explorer_payload(
     index = {n: i for i, n in enumerate(ids)}
     layouts = {
         "matrix": _grid(G, influence, n_cols, _row_of, lambda n: ()),
-        "block": _grid(
-            G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),), BLOCK_ROW_HEIGHT
-        ),
+        "block": _grid(G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),), BLOCK_ROW_HEIGHT),
     }
     deep = len(layouts["matrix"]["rows"]) > MAX_MATRIX_ROWS
     default = "block" if deep else "matrix"
