@@ -186,6 +186,61 @@ def _compact_card(card: Mapping[str, Any], table: _TokenTable, n_contexts: int) 
     }
 
 
+def _check_nodes(G: nx.DiGraph) -> None:
+    for n, a in G.nodes(data=True):
+        for name in ("kind", "pos"):
+            if name not in a:
+                raise VpdError(
+                    f"Node {n!r} has no `{name}` attribute; every node needs kind and pos for the grid layout "
+                    "(see attrgraph.export)."
+                )
+
+
+def _node_influence(G: nx.DiGraph) -> dict[str, float]:
+    """The pipeline's influence where a node has it; the same rule computed from the edges elsewhere."""
+    given = {n: a.get("influence") for n, a in G.nodes(data=True)}
+    computed = graph_influence(G) if any(v is None for v in given.values()) else {}
+    return {n: _finite(v) if v is not None else computed[n] for n, v in given.items()}
+
+
+def _qk_entries(G: nx.DiGraph, index: Mapping[str, int]) -> list[dict[str, Any]]:
+    """The graph's q/k pairs of o nodes that are in it, by node index (a q or k outside the graph is None)."""
+    qk = []
+    for pair in G.graph.get("qk_pairs", []) or []:
+        o, q, k = pair.get("o_node"), pair.get("q_node"), pair.get("k_node")
+        if o in index:
+            qk.append(
+                {
+                    "o": index[o],
+                    "q": index.get(q),
+                    "k": index.get(k),
+                    "q_label": str(pair.get("q_label") or q),
+                    "k_label": str(pair.get("k_label") or k),
+                    "key_pos": pair.get("key_pos"),
+                    "strength": _finite(pair.get("strength")),
+                }
+            )
+    return qk
+
+
+def _edge_threshold(edges: list[list[Any]]) -> float:
+    """A few thousand edges read as a hairball: the first view draws the strongest `MAX_DRAWN_EDGES`, and the
+    edge slider starts at their share of the total |weight|."""
+    strengths = sorted((abs(e[2]) for e in edges), reverse=True)
+    if len(strengths) > MAX_DRAWN_EDGES and sum(strengths) > 0:
+        return math.floor(100 * sum(strengths[:MAX_DRAWN_EDGES]) / sum(strengths)) / 100
+    return 1.0
+
+
+def _layouts(G: nx.DiGraph, influence: Mapping[str, float], n_cols: int) -> tuple[dict[str, dict], str]:
+    """Both grids (matrix rows, block rows) and the name of the one the first view uses."""
+    layouts = {
+        "matrix": _grid(G, influence, n_cols, _row_of, lambda n: ()),
+        "block": _grid(G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),), BLOCK_ROW_HEIGHT),
+    }
+    return layouts, "block" if len(layouts["matrix"]["rows"]) > MAX_MATRIX_ROWS else "matrix"
+
+
 def explorer_payload(
     G: nx.DiGraph, *, harvest: Any = None, title: str = "", n_contexts: int = CONTEXTS_PER_CARD
 ) -> dict[str, Any]:
@@ -205,29 +260,14 @@ def explorer_payload(
     Raises:
         VpdError: If a node lacks `kind` or `pos`, or the graph has a cycle.
     """
-    for n, a in G.nodes(data=True):
-        for name in ("kind", "pos"):
-            if name not in a:
-                raise VpdError(
-                    f"Node {n!r} has no `{name}` attribute; every node needs kind and pos for the grid layout "
-                    "(see attrgraph.export)."
-                )
-    # The pipeline's influence where a node has it; the same rule computed from the edges elsewhere.
-    given = {n: a.get("influence") for n, a in G.nodes(data=True)}
-    computed = graph_influence(G) if any(v is None for v in given.values()) else {}
-    influence = {n: _finite(v) if v is not None else computed[n] for n, v in given.items()}
+    _check_nodes(G)
+    influence = _node_influence(G)
     tokens = [str(t) for t in G.graph.get("prompt_tokens", [])]
     n_cols = max([len(tokens)] + [int(a["pos"]) + 1 for _, a in G.nodes(data=True)] + [1])
     ids = list(G.nodes)
     index = {n: i for i, n in enumerate(ids)}
-    layouts = {
-        "matrix": _grid(G, influence, n_cols, _row_of, lambda n: ()),
-        "block": _grid(G, influence, n_cols, _block_row_of, lambda n: (_sublayer_rank(G.nodes[n]),), BLOCK_ROW_HEIGHT),
-    }
-    deep = len(layouts["matrix"]["rows"]) > MAX_MATRIX_ROWS
-    default = "block" if deep else "matrix"
+    layouts, default = _layouts(G, influence, n_cols)
     first = layouts[default]
-
     keys = {
         n: component_key(str(a["module"]), int(a["index"]))
         for n, a in G.nodes(data=True)
@@ -235,77 +275,37 @@ def explorer_payload(
     }
     table = _TokenTable()
     found = cards_for(harvest, list(keys.values()), n_contexts=n_contexts)
-    cards = {key: _compact_card(card, table, n_contexts) for key, card in found.items()}
     nodes = []
     for n in ids:
         a = G.nodes[n]
-        key = keys.get(n)
         x, y, r = first["at"][n]
         nodes.append(
-            {
-                "id": n,
-                "key": key,
-                "kind": a["kind"],
-                "sub": a.get("sublayer"),
-                "row": r,
-                "x": x,
-                "y": y,
-                "inf": influence[n],
-                "attrs": _json_native(dict(a)),
-            }
+            {"id": n, "key": keys.get(n), "kind": a["kind"], "sub": a.get("sublayer"), "row": r, "x": x, "y": y}
+            | {"inf": influence[n], "attrs": _json_native(dict(a))}
         )
     edges = [
         [index[u], index[v], _finite(w), bool(G.edges[u, v].get("cross_position", False))]
         for u, v, w in G.edges(data="weight", default=0.0)
     ]
-    qk = []
-    for pair in G.graph.get("qk_pairs", []) or []:
-        o, q, k = pair.get("o_node"), pair.get("q_node"), pair.get("k_node")
-        if o in index:
-            qk.append(
-                {
-                    "o": index[o],
-                    "q": index.get(q),
-                    "k": index.get(k),
-                    "q_label": str(pair.get("q_label") or q),
-                    "k_label": str(pair.get("k_label") or k),
-                    "key_pos": pair.get("key_pos"),
-                    "strength": _finite(pair.get("strength")),
-                }
-            )
     graph_attrs = _json_native(dict(G.graph))
-    # A few thousand edges read as a hairball: the first view draws the strongest MAX_DRAWN_EDGES and
-    # the edge slider starts at their share of the total |weight|.
-    strengths = sorted((abs(e[2]) for e in edges), reverse=True)
-    edge_threshold = 1.0
-    if len(strengths) > MAX_DRAWN_EDGES and sum(strengths) > 0:
-        edge_threshold = math.floor(100 * sum(strengths[:MAX_DRAWN_EDGES]) / sum(strengths)) / 100
     return {
         "version": PAYLOAD_VERSION,
         "title": title,
         "tokens": tokens,
         "n_cols": n_cols,
-        "columns": first["columns"],
-        "width": first["width"],
-        "row_height": first["row_height"],
-        "rows": first["rows"],
+        **{name: first[name] for name in ("columns", "width", "row_height", "rows")},
         "layout": default,
         # Both grids, node positions as [x, y, row] in node order: the page switches between them.
         "layouts": {
-            name: {
-                "rows": lay["rows"],
-                "columns": lay["columns"],
-                "width": lay["width"],
-                "row_height": lay["row_height"],
-                "at": [list(lay["at"][n]) for n in ids],
-            }
+            name: {k: lay[k] for k in ("rows", "columns", "width", "row_height")}
+            | {"at": [list(lay["at"][n]) for n in ids]}
             for name, lay in layouts.items()
         },
         "nodes": nodes,
         "edges": edges,
-        "qk": qk,
-        "edge_threshold": edge_threshold,
-        "cards": cards,
+        "qk": _qk_entries(G, index),
+        "edge_threshold": _edge_threshold(edges),
+        "cards": {key: _compact_card(card, table, n_contexts) for key, card in found.items()},
         "card_tokens": table.strings,
         "report": graph_attrs.get("report") or {},
         "target_token": graph_attrs.get("target_token"),
