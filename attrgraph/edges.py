@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
+from attrgraph.candidates import CandidateNodes, prepare_inputs
 from attrgraph.edge_table import Attribution, EdgeTable
 from attrgraph.leaves import LeafRecord, direct_effect_leaves
 from attrgraph.nodes import KINDS

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attrgraph.edge_nodes import check_tokens
+from attrgraph.candidates import check_tokens
 from attrgraph.settings import OptimizeSettings
 from decomposer.errors import VpdError
 from decomposer.vpd.adversary import sign_ascent
@@ -72,7 +72,7 @@ def _logits(out: object) -> Tensor:
 
 
 def _check_prompt(d: Decomposition, tokens: Tensor, target_pos: int, target_token: int) -> Tensor:
-    """The prompt checked (`edge_nodes.check_tokens`, which cuts it after t*) and y* checked against the vocabulary.
+    """The prompt checked (`candidates.check_tokens`, which cuts it after t*) and y* checked against the vocabulary.
 
     Stricter than the edge pass on one point: the fit takes a (1, T) LongTensor only, never (T,).
     """

@@ -1,17 +1,20 @@
 """One prompt's attribution graph, end to end: `attribute_prompt` → `PromptGraph`.
 
 Each phase is timed, logged (logger `attrgraph.pipeline`, INFO) and recorded in `PromptGraph.timings`
-under the names in `PHASES`.
+under the names in `PHASES`. Each names the module that implements it.
 
-1. Resolve the prompt once: tokens (checked against the context), t*, y*, and one forward of the target
-   that gives P(· at t*) and, unless a CI is given or optimised, the CI network's g.
+1. Resolve the prompt once (`attrgraph.candidates`: `check_prompt`, `choose_logit_tokens`): tokens (checked
+   against the context), t*, y*, and one forward of the target that gives P(· at t*) and, unless a CI is
+   given or optimised, the CI network's g.
 2. Refuse a graph whose estimated peak memory exceeds `max_memory_gb` (default: what is free now), naming
-   the setting that lowers it.
-3. Optionally re-fit the CI on the prompt (docs/attribution-graphs.md §4) and report faithfulness (§5).
-4. Edges as tensors (`attrgraph.edges.attribute_edges`): with `max_nodes`, only the subcomponents of
-   largest estimated influence get their incoming edges computed.
-5. Influence pruning on the tensors (`attrgraph.prune.prune_coo`), then networkx for the pruned graph only,
-   and its q/k pairs.
+   the setting that lowers it (here: `estimate_peak_bytes`, `check_memory`).
+3. Optionally re-fit the CI on the prompt (docs/attribution-graphs.md §4) and report faithfulness (§5)
+   (`attrgraph.optimize`: `optimize_ci`, `faithfulness`).
+4. Edges as tensors (`attrgraph.edges.attribute_edges`, on the candidate nodes of `attrgraph.candidates` and
+   the direct-effect cut of `attrgraph.leaves`, into an `attrgraph.edge_table.EdgeTable`): with `max_nodes`,
+   only the subcomponents of largest estimated influence get their incoming edges computed.
+5. Influence pruning on the tensors (`attrgraph.prune.prune_coo`), then networkx for the pruned graph only
+   (`attrgraph.to_networkx.table_to_networkx`), and its q/k pairs (`attrgraph.qk.add_qk_pairs`).
 
 Every default lives in `GraphSettings`; every file name in `FILES`.
 """
@@ -207,7 +210,7 @@ class PromptGraph:
 
     def full_networkx(self) -> nx.DiGraph:
         """The unpruned graph as a DiGraph (large for long prompts); every node gets its `influence`."""
-        from attrgraph.graph import table_to_networkx
+        from attrgraph.to_networkx import table_to_networkx
 
         return table_to_networkx(self.table, influence=self.masks.influence, **self.context.as_kwargs())
 
@@ -331,8 +334,7 @@ def attribute_prompt(
         VpdError: An empty prompt, one past the model's context, a target that is not one token, a position
             out of range, or a graph whose estimated memory exceeds the limit.
     """
-    from attrgraph.edge_nodes import choose_logit_tokens
-    from attrgraph.graph import check_prompt
+    from attrgraph.candidates import check_prompt, choose_logit_tokens
     from attrgraph.qk import add_qk_pairs
 
     timings: dict[str, float] = {}
@@ -419,7 +421,7 @@ def _prune(
     labels: Mapping[str, str] | None,
 ) -> tuple[CooPruneMasks, nx.DiGraph, GraphContext]:
     """Phase 5: influence pruning on the tensors, then the pruned graph as networkx (and its labels' context)."""
-    from attrgraph.graph import count_blocks, table_to_networkx
+    from attrgraph.to_networkx import count_blocks, table_to_networkx
 
     masks = prune_coo(
         table.n,

@@ -329,7 +329,7 @@ def qk_pairs_for_o(d: Decomposition, ids: Tensor, G: nx.DiGraph, top: int = 5) -
     Args:
         d: The decomposition.
         ids: The graph's prompt token ids, (T,) or (1, T), covering every node position.
-        G: An attribution graph (`attrgraph.graph`); o nodes have kind "comp" and sublayer "o".
+        G: An attribution graph (`attrgraph.to_networkx`); o nodes have kind "comp" and sublayer "o".
         top: Pairs kept per o node.
 
     Returns:

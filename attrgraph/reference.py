@@ -42,13 +42,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from attrgraph.edge_nodes import choose_logit_tokens
+from attrgraph.candidates import choose_logit_tokens, resolve_prompt
 from attrgraph.edge_table import Attribution
 from attrgraph.edges import attribute_edges
-from attrgraph.graph import count_blocks, resolve_prompt, table_to_networkx
 from attrgraph.leaves import direct_effect_leaves
 from attrgraph.prune import MAX_PRODUCTS, check_threshold, cutoff, kind_masks
 from attrgraph.settings import DEFAULTS
+from attrgraph.to_networkx import count_blocks, table_to_networkx
 from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 

@@ -74,7 +74,7 @@ def ablation_summary(
     Raises:
         VpdError: A bad prompt, read-out or node.
     """
-    from attrgraph.graph import resolve_prompt
+    from attrgraph.candidates import resolve_prompt
     from circuits.interventions import Intervention, ablate, generate, resolve_sites
 
     ids, pos, label, _ = resolve_prompt(d, tokenizer, prompt, target, position)

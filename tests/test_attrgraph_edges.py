@@ -327,7 +327,7 @@ def test_errors(llama):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
 def test_batched_graphs_pack_several_targets_per_copy(family, request):
     """The batched-equals-reference tests above run with packing on: one backward, many targets per copy."""
-    from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
+    from attrgraph.candidates import CandidateNodes, prepare_inputs
     from attrgraph.edges import slot_groups
 
     d, tokens, ci, _ = request.getfixturevalue(family)
@@ -340,7 +340,7 @@ def test_batched_graphs_pack_several_targets_per_copy(family, request):
 
 def test_attention_without_decomposed_matrices_is_not_packed(float64_llama):
     """With q/k/v/o left whole, attention carries gradients across positions; targets then get a copy each."""
-    from attrgraph.edge_nodes import CandidateNodes, prepare_inputs
+    from attrgraph.candidates import CandidateNodes, prepare_inputs
     from attrgraph.edges import slot_groups
 
     torch.manual_seed(0)

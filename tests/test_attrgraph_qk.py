@@ -10,7 +10,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from attrgraph.attention import apply_rope, attention_pattern, rope_cos_sin, rope_of
 from attrgraph.edges import attribute_edges
-from attrgraph.graph import table_to_networkx
 from attrgraph.qk import (
     add_qk_pairs,
     data_dependent_strength,
@@ -19,6 +18,7 @@ from attrgraph.qk import (
     score_terms,
 )
 from attrgraph.render import render_html
+from attrgraph.to_networkx import table_to_networkx
 from decomposer.errors import VpdError
 from tests.conftest import ROPE_CONFIGS, ROPE_VOCAB, rope_decomposition
 

@@ -88,7 +88,7 @@ def _ablate(args: argparse.Namespace) -> None:
 
 def _ablate_model(args: argparse.Namespace) -> dict:
     """Heads and neurons of a model without a decomposition (`circuits.model_interventions`)."""
-    from attrgraph.graph import check_model_prompt
+    from attrgraph.candidates import check_model_prompt
     from circuits.model_interventions import UNIT_KINDS, ablate_units, generate_units, resolve_units
     from decomposer.errors import VpdError
     from decomposer.target import load_target

@@ -1,6 +1,9 @@
-"""The candidate nodes of one prompt's graph, before any edge is computed: the checked inputs (tokens, read-out
-position, logit tokens, CI) and the node table of every emb, alive comp, delta and logit node with the index
-tensors that turn leaf gradients into rows of A (`attrgraph.edges` steps 1–2)."""
+"""Phase 1 of `attrgraph.pipeline` and the candidate nodes of phase 4, before any edge is computed.
+
+The prompt's checks (`check_prompt`, `check_model_prompt`, `resolve_prompt`: empty, context, one-token target,
+position), the checked inputs (`check_tokens`, `prepare_inputs`: token ids, read-out position, CI), the logit
+tokens (`choose_logit_tokens`), and the node table of every emb, alive comp, delta and logit node with the
+index tensors that turn leaf gradients into rows of A (`CandidateNodes`, `attrgraph.edges` steps 1–2)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from attrgraph.leaves import LeafRecord
 from attrgraph.nodes import KINDS
@@ -169,3 +173,72 @@ class CandidateNodes:
             act[self.delta_start[p] : self.delta_start[p] + self.T] = rec.delta_leaves[p][0].detach().norm(dim=-1)
         act[self.logit_start :] = logits[0, -1, self.logit_tokens].detach()  # -1 is t*: the prompt ends there
         return act, ci
+
+
+def check_prompt(
+    d: Decomposition,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target_token: str | None,
+    target_pos: int | None,
+) -> tuple[Tensor, int, int | None]:
+    """Check a prompt and its read-out without running the model: (token ids (1, T), t*, label id or None).
+
+    Raises:
+        VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
+            position out of range.
+    """
+    return check_model_prompt(d.model.target, tokenizer, prompt, target_token, target_pos)
+
+
+def check_model_prompt(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target_token: str | None,
+    target_pos: int | None,
+) -> tuple[Tensor, int, int | None]:
+    """`check_prompt` against a model without a decomposition (its config gives the context)."""
+    if not prompt.strip():
+        raise VpdError("`prompt` is empty. Pass the text to explain, e.g. 'The princess lost her'.")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    T = ids.shape[1]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and T > context:
+        raise VpdError(
+            f"`prompt` is {T} tokens, longer than the model's context of {context}; shorten it to {context} tokens."
+        )
+    if target_pos is None:
+        target_pos = T - 1
+    if not -T <= target_pos < T:
+        raise VpdError(f"`target_pos` {target_pos} is out of range for a {T}-token prompt; use 0..{T - 1}.")
+    target_pos %= T
+    label_id = None
+    if target_token is not None:
+        label_ids = tokenizer(target_token, add_special_tokens=False)["input_ids"]
+        if len(label_ids) != 1:
+            raise VpdError(
+                f"`target_token` {target_token!r} is {len(label_ids)} tokens, not one. Pass a single token "
+                "such as ' her' (mind the leading space)."
+            )
+        label_id = label_ids[0]
+    return ids, target_pos, label_id
+
+
+def resolve_prompt(
+    d: Decomposition,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target_token: str | None,
+    target_pos: int | None,
+) -> tuple[Tensor, int, int, Tensor]:
+    """Check a prompt and its read-out: (token ids (1, T), t*, label id, P(next token) at t* under the target).
+
+    Raises:
+        VpdError: As `check_prompt`.
+    """
+    ids, target_pos, label_id = check_prompt(d, tokenizer, prompt, target_token, target_pos)
+    with torch.no_grad():
+        logits = d.model.target(ids[:, : target_pos + 1].to(d.model_device)).logits[0, target_pos]
+    probs = torch.softmax(logits.double(), -1).cpu()
+    return ids, target_pos, int(probs.argmax()) if label_id is None else label_id, probs

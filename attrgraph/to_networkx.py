@@ -1,4 +1,4 @@
-"""Assemble an attribution graph as an `nx.DiGraph` in the convention of `attrgraph.export`.
+"""Phase 5's last step: an attribution graph as an `nx.DiGraph` in the convention of `attrgraph.export`.
 
 `table_to_networkx` converts an `EdgeTable` (or the nodes and edges pruning kept of it), labelling every
 node; `attrgraph.pipeline.attribute_prompt` is the full pipeline (`attrgraph.reference.build_graph`, every
@@ -9,17 +9,14 @@ Edges with weight exactly 0 are structural zeros and are not stored.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import networkx as nx
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from attrgraph.edge_table import EdgeTable
 from attrgraph.labels import label_for, label_source
 from attrgraph.nodes import NodeId, module_short_name, node_row, short_label
-from decomposer.errors import VpdError
 from decomposer.vpd.run import Decomposition
 
 
@@ -148,72 +145,3 @@ def table_to_networkx(
         for ti, si, wt in zip(t.tolist(), s.tolist(), w.tolist(), strict=True)
     )
     return G
-
-
-def check_prompt(
-    d: Decomposition,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    target_token: str | None,
-    target_pos: int | None,
-) -> tuple[Tensor, int, int | None]:
-    """Check a prompt and its read-out without running the model: (token ids (1, T), t*, label id or None).
-
-    Raises:
-        VpdError: An empty prompt, a prompt longer than the context, a target that is not one token, or a
-            position out of range.
-    """
-    return check_model_prompt(d.model.target, tokenizer, prompt, target_token, target_pos)
-
-
-def check_model_prompt(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    target_token: str | None,
-    target_pos: int | None,
-) -> tuple[Tensor, int, int | None]:
-    """`check_prompt` against a model without a decomposition (its config gives the context)."""
-    if not prompt.strip():
-        raise VpdError("`prompt` is empty. Pass the text to explain, e.g. 'The princess lost her'.")
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    T = ids.shape[1]
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and T > context:
-        raise VpdError(
-            f"`prompt` is {T} tokens, longer than the model's context of {context}; shorten it to {context} tokens."
-        )
-    if target_pos is None:
-        target_pos = T - 1
-    if not -T <= target_pos < T:
-        raise VpdError(f"`target_pos` {target_pos} is out of range for a {T}-token prompt; use 0..{T - 1}.")
-    target_pos %= T
-    label_id = None
-    if target_token is not None:
-        label_ids = tokenizer(target_token, add_special_tokens=False)["input_ids"]
-        if len(label_ids) != 1:
-            raise VpdError(
-                f"`target_token` {target_token!r} is {len(label_ids)} tokens, not one. Pass a single token "
-                "such as ' her' (mind the leading space)."
-            )
-        label_id = label_ids[0]
-    return ids, target_pos, label_id
-
-
-def resolve_prompt(
-    d: Decomposition,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    target_token: str | None,
-    target_pos: int | None,
-) -> tuple[Tensor, int, int, Tensor]:
-    """Check a prompt and its read-out: (token ids (1, T), t*, label id, P(next token) at t* under the target).
-
-    Raises:
-        VpdError: As `check_prompt`.
-    """
-    ids, target_pos, label_id = check_prompt(d, tokenizer, prompt, target_token, target_pos)
-    with torch.no_grad():
-        logits = d.model.target(ids[:, : target_pos + 1].to(d.model_device)).logits[0, target_pos]
-    probs = torch.softmax(logits.double(), -1).cpu()
-    return ids, target_pos, int(probs.argmax()) if label_id is None else label_id, probs
