@@ -316,6 +316,22 @@ STUDY_MODULES = [
 STUDY_FAST = {"settings": GraphSettings(steps=3, n_samples=64, pgd_steps=1, restarts=1), "progress": False}
 
 
+# Hand-built graph nodes in the `attrgraph.export` convention, for the render and pyvis tests.
+def graph_node(tokens: list[str], kind: str, pos: int, row: int, label: str, **extra) -> dict:
+    """The attributes of one node at position `pos` of `tokens`; `extra` overrides any of them."""
+    base = {"module": None, "block": None, "sublayer": None, "index": None, "ci": 1.0, "activation": 1.0}
+    return {**base, "kind": kind, "pos": pos, "row": row, "label": label, "token": tokens[pos], **extra}
+
+
+def graph_comp(
+    tokens: list[str], module: str, short: str, c: int, t: int, row: int, ci: float, label: str, **extra
+) -> tuple[str, dict]:
+    """(node id, attributes) of subcomponent `c` of block 0's `module` at position `t`, influence 0.1 · ci;
+    `extra` goes to `graph_node`."""
+    attrs = graph_node(tokens, "comp", t, row, label, module=module, block=0, sublayer=short, index=c, **extra)
+    return f"comp/{module}/{c}@{t}", {**attrs, "ci": ci, "influence": 0.1 * ci}
+
+
 def word_tokenizer():
     """A word-level tokenizer over `STUDY_WORDS` (unknown words map to id 0), padded to the model's vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -10,6 +10,7 @@ import pytest
 from attrgraph.explorer.page import _LEGEND, _NEGATIVE_EDGE, _POSITIVE_EDGE
 from attrgraph.explorer.payload import explorer_payload
 from attrgraph.pyvis_view import to_pyvis
+from tests.conftest import graph_comp, graph_node
 
 HOSTILE = '<img src=x onerror="alert(1)"></script>'
 NASTY = "</script><b>&"
@@ -20,14 +21,12 @@ DOWN = "model.layers.0.mlp.down_proj"
 
 
 def _node(kind: str, pos: int, row: int, label: str, **extra) -> dict:
-    base = {"module": None, "block": None, "sublayer": None, "index": None, "ci": 1.0, "activation": 1.0}
-    return {**base, "kind": kind, "pos": pos, "row": row, "label": label, "token": TOKENS[pos], **extra}
+    return graph_node(TOKENS, kind, pos, row, label, **extra)
 
 
 def _comp(module: str, short: str, c: int, t: int, row: int, ci: float) -> tuple[str, dict]:
     sub = "mlp" if "mlp" in module else "attn"
-    attrs = _node("comp", t, row, f"0.{sub}.{short}:{c}@{t}", module=module, block=0, sublayer=short, index=c)
-    return f"comp/{module}/{c}@{t}", {**attrs, "ci": ci, "influence": 0.1 * ci}
+    return graph_comp(TOKENS, module, short, c, t, row, ci, f"0.{sub}.{short}:{c}@{t}")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from attrgraph.export import (
 from attrgraph.prune import graph_influence
 from attrgraph.render import render_html, render_png, render_svg
 from decomposer.errors import ArtifactFormatError, VpdError
+from tests.conftest import graph_comp, graph_node
 
 NASTY = "</script><b>&"
 Q = "model.layers.0.self_attn.q_proj"
@@ -35,14 +36,12 @@ TOKENS = ["<|endoftext|>", " a", NASTY, " b"]
 
 
 def _node(kind: str, pos: int, row: int, label: str, **extra) -> dict:
-    base = {"module": None, "block": None, "sublayer": None, "index": None, "ci": 1.0, "activation": 1.0}
-    return {**base, "kind": kind, "pos": pos, "row": row, "label": label, "token": TOKENS[pos], **extra}
+    return graph_node(TOKENS, kind, pos, row, label, **extra)
 
 
 def _comp(module: str, short: str, c: int, t: int, row: int, ci: float) -> tuple[str, dict]:
     sub = "mlp" if "mlp" in module else "attn"
-    attrs = _node("comp", t, row, f"0.{sub}.{short}:{t}:{c}", module=module, block=0, sublayer=short, index=c)
-    return f"comp/{module}/{c}@{t}", {**attrs, "ci": ci, "activation": 0.5 * c, "influence": 0.1 * ci}
+    return graph_comp(TOKENS, module, short, c, t, row, ci, f"0.{sub}.{short}:{t}:{c}", activation=0.5 * c)
 
 
 @pytest.fixture
