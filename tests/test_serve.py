@@ -19,7 +19,7 @@ from circuits.cli import main
 
 TOKEN = "test-token-0123456789"
 PROMPT = "The princess lost her crown."
-XSS = "</script><script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+XSS = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +88,29 @@ def test_intervene_matches_vpd_ablate(server, capsys):
         url, "/api/intervene", {"prompt": "The princess lost", "nodes": nodes, "kind": "zero", "generate": 4}
     )
     assert status == 200
-    assert main(["ablate", "--run", "bundled", "--prompt", "The princess lost", "--nodes", *nodes, "--generate", "4",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--run",
+                "bundled",
+                "--prompt",
+                "The princess lost",
+                "--nodes",
+                *nodes,
+                "--generate",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert data["p_after"] == printed["p_after"] and data["p_before"] == printed["p_before"]
     assert data["top_after"] == printed["top_after"] and data["generation"] == printed["generation"]
-    scaled = call(url, "/api/intervene", {"prompt": "The princess lost", "nodes": nodes[:1], "kind": "scale",
-                                          "scale": 1.0})[1]
+    scaled = call(
+        url, "/api/intervene", {"prompt": "The princess lost", "nodes": nodes[:1], "kind": "scale", "scale": 1.0}
+    )[1]
     assert scaled["p_after"] == pytest.approx(scaled["p_before"], rel=1e-6)  # a scale of 1 changes nothing
 
 
@@ -159,8 +175,9 @@ def test_progress_follows_a_fit(server):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    status, _, _ = call(url, "/api/graph", {"prompt": PROMPT, "target": " her", "position": 2,
-                                            "optimize": "ci", "steps": 40})
+    status, _, _ = call(
+        url, "/api/graph", {"prompt": PROMPT, "target": " her", "position": 2, "optimize": "ci", "steps": 40}
+    )
     done.set()
     watcher.join()
     assert status == 200
@@ -232,12 +249,18 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900",
-                "--disable-background-networking", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+        "--disable-background-networking",
+        "--no-first-run",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
-                              options=options)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
     yield driver
     driver.quit()
 
@@ -264,8 +287,25 @@ def test_the_served_page_builds_ablates_and_keeps_text_as_text(server, browser, 
     browser.find_element(By.ID, "ablate-pinned").click()
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return !!document.getElementById('p-after')"))
     shown = float(browser.find_element(By.ID, "p-after").text)
-    assert main(["ablate", "--run", "bundled", "--prompt", PROMPT, "--target", " her", "--position", "2",
-                 "--nodes", *nodes, "--json"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--run",
+                "bundled",
+                "--prompt",
+                PROMPT,
+                "--target",
+                " her",
+                "--position",
+                "2",
+                "--nodes",
+                *nodes,
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert shown == pytest.approx(json.loads(capsys.readouterr().out)["p_after"], abs=5e-5)
     # A hostile prompt is text: in the page, in the graph's title, in the intervention's echo.
     box = browser.find_element(By.ID, "prompt")
@@ -275,8 +315,10 @@ def test_the_served_page_builds_ablates_and_keeps_text_as_text(server, browser, 
     browser.find_element(By.ID, "position").clear()
     browser.find_element(By.ID, "build").click()
     WebDriverWait(browser, 60).until(
-        lambda d: d.execute_script("return document.getElementById('status').textContent.indexOf('nodes') >= 0"
-                                   " || document.getElementById('status').className === 'err'")
+        lambda d: d.execute_script(
+            "return document.getElementById('status').textContent.indexOf('nodes') >= 0"
+            " || document.getElementById('status').className === 'err'"
+        )
     )
     WebDriverWait(browser, 60).until(lambda d: d.execute_script(ready))
     assert browser.execute_script("return window.__pwned") is None

@@ -131,7 +131,7 @@ class Session:
         from attrgraph.settings import graph_settings
 
         prompt = self.check_prompt(body.get("prompt"))
-        target = self._optional(body, "target", str, "one token as text, e.g. \" her\"")
+        target = self._optional(body, "target", str, 'one token as text, e.g. " her"')
         position = self._optional(body, "position", int, "a token position, e.g. 2 or -1")
         optimize = body.get("optimize") or "none"
         if optimize not in OPTIMIZE:
@@ -140,7 +140,7 @@ class Session:
         if steps is not None and not 1 <= steps <= self.max_steps:
             raise VpdError(f"`steps` must be between 1 and {self.max_steps}; got {steps}.")
         if optimize != "none" and target is None:
-            raise VpdError("`target` is required with `optimize`: name the token to explain, e.g. \" her\".")
+            raise VpdError('`target` is required with `optimize`: name the token to explain, e.g. " her".')
         given = {"optimize": optimize} | ({"steps": steps} if steps is not None else {})
         settings = graph_settings(**given)
         with self._turn("optimize-ci" if optimize != "none" else "graph"):
