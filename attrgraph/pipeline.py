@@ -22,7 +22,6 @@ Every default lives in `GraphSettings`; every file name in `FILES`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from attrgraph.nodes import KINDS
 from attrgraph.prune import CooPruneMasks, prune_coo
 from attrgraph.settings import GraphSettings
 from decomposer.errors import VpdError
+from decomposer.vpd.memory import available_bytes
 from decomposer.vpd.run import Decomposition
 
 # File kind → name, `{stem}` replaced by `PromptGraph.save`'s stem.
@@ -88,21 +88,6 @@ def estimate_peak_bytes(d: Decomposition, T: int, n_comp: int, settings: GraphSe
     return int(weights + forward + 4 * K * n_nodes * elem + edges)
 
 
-def available_bytes() -> int | None:
-    """Memory available now (Linux MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_memory(d: Decomposition, T: int, n_comp: int, settings: GraphSettings) -> int:
     """The estimate of `estimate_peak_bytes`; refuses one above `max_memory_gb` or the memory free now (on
     the model's GPU when it has one).
@@ -113,10 +98,8 @@ def check_memory(d: Decomposition, T: int, n_comp: int, settings: GraphSettings)
     need = estimate_peak_bytes(d, T, n_comp, settings)
     if settings.max_memory_gb is not None:
         limit = settings.max_memory_gb * 2**30
-    elif d.model_device.type == "cuda":
-        limit = torch.cuda.mem_get_info(d.model_device)[0]  # the edge step's tensors live on the GPU
     else:
-        limit = available_bytes()
+        limit = available_bytes(str(d.model_device))  # on a GPU, its free memory: the edge step's tensors live there
     if limit is not None and need > limit:
         raise VpdError(
             f"The graph of this {T}-token prompt ({n_comp:,} alive subcomponents) needs about {need / 2**30:.2g} GB, "

@@ -61,7 +61,8 @@ def estimate_training_bytes(d, tokens_per_step: int) -> dict[str, int]:
 
 
 def available_bytes(device: str | None = None) -> int | None:
-    """Free memory where training runs: CUDA's free bytes on a GPU, else Linux MemAvailable; None if unknown."""
+    """Free memory where the work runs: CUDA's free bytes on a GPU, else Linux MemAvailable (else the free
+    physical pages); None if unknown. Training and the graph pipeline both check against it."""
     if device is not None and str(device).startswith("cuda"):
         import torch
 
@@ -73,7 +74,10 @@ def available_bytes(device: str | None = None) -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_training_memory(d, tokens_per_step: int, *, device: str | None = None, limit: int | None = None) -> dict:
