@@ -6,6 +6,7 @@ One server (uvicorn in a thread, port chosen by the OS) serves the bundled run f
 from __future__ import annotations
 
 import json
+import re
 import resource
 import threading
 import time
@@ -76,7 +77,9 @@ def test_graph_is_the_pipelines_and_its_page_is_served(server):
     assert (out / "graphs" / f"{data['id']}.html").is_file()  # nothing else is written
     page = urllib.request.Request(url + data["html"], headers={"X-VPD-Token": TOKEN})
     with urllib.request.urlopen(page, timeout=30) as response:
-        assert b'id="vpd-data"' in response.read()
+        html = response.read().decode()
+    embedded = json.loads(re.search(r'<script type="application/json" id="vpd-data">(.*?)</script>', html, re.S)[1])
+    assert embedded == data["payload"]  # the page renders the payload the API returned
     for bad in ("..%2F..%2Fetc%2Fpasswd", "0123456789ab"):
         assert call(url, f"/graphs/{bad}.html")[0] == 404
 

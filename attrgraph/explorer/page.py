@@ -174,6 +174,7 @@ def render_html(
     harvest: Any = None,
     max_nodes: int = 1000,
     max_edges: int = 20_000,
+    payload: dict[str, Any] | None = None,
 ) -> Path:
     """Write the graph explorer for `G`: one HTML file that works offline and loads nothing.
 
@@ -187,11 +188,13 @@ def render_html(
             `influence` get circuit-tracer's influence computed from the edges.
         path: The .html file to write, atomically.
         title: The page title; defaults to one naming the target token.
-        harvest: Optional statistics for the hover cards (density, top input and output tokens and
-            activating examples): a run or harvest folder holding `harvest.json`, a mapping of
-            component key → harvest summary, or a `circuits.harvest.Harvest`.
+        harvest: Optional examples for the hover cards and dashboards, anything
+            `attrgraph.examples.cards_for` reads: a run or `vpd harvest --out` folder (its `examples/`, else its
+            `harvest.json`), a `ComponentExamples`, or a mapping of component key → card.
         max_nodes: Refuse larger graphs.
         max_edges: Refuse graphs with more edges than this.
+        payload: `explorer_payload(G, harvest=harvest, title=title)` when the caller has built it already
+            (e.g. to send it to a client too); built here otherwise.
 
     Returns:
         The path written.
@@ -205,7 +208,8 @@ def render_html(
     g = G.graph
     if title is None:
         title = f"Attribution graph for {g.get('target_token', '')!r} at position {g.get('target_pos')}"
-    payload = explorer_payload(G, harvest=harvest, title=title)
+    if payload is None:
+        payload = explorer_payload(G, harvest=harvest, title=title)
     qk_table, qk_js = _qk_table(G)
     parts = {
         "title": _esc(title),

@@ -58,15 +58,17 @@ def create_app(session: Session, token: str, *, allowed_hosts: tuple[str, ...] =
             return _error(403, "A missing or wrong token; open the URL that `vpd serve` printed, token included.")
         return None
 
+    too_large = f"The request body is larger than {MAX_BODY // 1024} KB; send a shorter one."
+
     async def body_of(request: Request) -> dict | Response:
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            return _error(413, f"The request body is larger than {MAX_BODY // 1024} KB; send a shorter one.")
+            return _error(413, too_large)
         raw = b""
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # a body without a length is counted as it arrives
             raw += chunk
             if len(raw) > MAX_BODY:
-                return _error(413, f"The request body is larger than {MAX_BODY // 1024} KB; send a shorter one.")
+                return _error(413, too_large)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

@@ -51,7 +51,7 @@ class Session:
         max_waiting: int = 4,
         max_steps: int = 2000,
     ) -> None:
-        from attrgraph.examples import card_source, load_examples
+        from attrgraph.examples import card_source, examples_path, load_examples
         from attrgraph.labels import labels_for_run
         from decomposer.vpd.load import load_run
         from decomposer.vpd.report import resolve_run
@@ -61,7 +61,8 @@ class Session:
         self.run = str(run)
         self.labels = labels_for_run(run_dir)
         source = card_source(run_dir)
-        self.examples = load_examples(source) if source is not None and (source / "examples").is_dir() else source
+        # Loaded once: each graph's cards come from memory, not from disk and a checksum.
+        self.examples = load_examples(source) if source is not None and examples_path(source) else source
         self.out = Path(out)
         (self.out / "graphs").mkdir(parents=True, exist_ok=True)
         self.max_tokens, self.max_waiting, self.max_steps = max_tokens, max_waiting, max_steps
@@ -70,7 +71,6 @@ class Session:
         self._waiting = 0
         self._progress: dict[str, Any] = {"busy": False, "phase": None, "done": 0, "total": 0}
         self._reference: Any = None
-        self.last_graph: str | None = None
 
     # -- one at a time ------------------------------------------------------------------------------
 
@@ -80,18 +80,15 @@ class Session:
             if self._waiting >= self.max_waiting:
                 raise Busy(f"{self._waiting} requests are already waiting for the model; try again shortly.")
             self._waiting += 1
-        try:
-            with self._lock:
+        with self._lock:
+            with self._state:
+                self._waiting -= 1
+                self._progress = {"busy": True, "phase": phase, "done": 0, "total": 0}
+            try:
+                yield
+            finally:
                 with self._state:
-                    self._waiting -= 1
-                    self._progress = {"busy": True, "phase": phase, "done": 0, "total": 0}
-                try:
-                    yield
-                finally:
-                    with self._state:
-                        self._progress = {"busy": False, "phase": None, "done": 0, "total": 0}
-        except BaseException:
-            raise
+                    self._progress = {"busy": False, "phase": None, "done": 0, "total": 0}
 
     def progress(self) -> dict[str, Any]:
         with self._state:
@@ -169,8 +166,7 @@ class Session:
             graph_id = uuid.uuid4().hex[:12]
             title = f"{prompt!r} → {graph.target_text!r} at position {graph.target_pos}"
             payload = explorer_payload(graph.pruned, harvest=self.examples, title=title)
-            render_html(graph.pruned, self.out / "graphs" / f"{graph_id}.html", title=title, harvest=self.examples)
-            self.last_graph = graph_id
+            render_html(graph.pruned, self.out / "graphs" / f"{graph_id}.html", title=title, payload=payload)
             return {
                 "id": graph_id,
                 "html": f"/graphs/{graph_id}.html",
