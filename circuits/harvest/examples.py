@@ -128,7 +128,7 @@ def _words(h: Harvest, top: int = 5, min_share: float = 0.05) -> dict[str, list[
     """Key → [[word, share of sampled firings]] for the whole words the firing token sits in."""
     if not h.vocab:
         return {}
-    start, end = _word_bounds(h)
+    start, end = (t.tolist() for t in _word_bounds(h))
     tokens = h.tokens.tolist()
     cache: dict[tuple[int, int], str] = {}
     out = {}
@@ -137,7 +137,7 @@ def _words(h: Harvest, top: int = 5, min_share: float = 0.05) -> dict[str, list[
         counts: Counter[str] = Counter()
         sampled = [loc for loc in locs[row] if loc >= 0]
         for loc in sampled:
-            span = (int(start[loc]), int(end[loc]))
+            span = (start[loc], end[loc])
             word = cache.get(span)
             if word is None:
                 word = "".join(h.vocab[t] for t in tokens[span[0] : span[1]]).strip()[:_MAX_WORD]
